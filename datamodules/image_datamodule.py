@@ -1,0 +1,369 @@
+"""One LightningDataModule for every dataset the framework trains on (diffusion model and noisy classifier).
+
+Images come out as float32 (C, H, W) in [-1, 1], labels as int64. Nothing is downloaded unless
+``download=True``; missing files raise one FileNotFoundError that names the files, the directory and the fix.
+"""
+
+import hashlib
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
+# name -> (num_classes, native image size, channels): constants, so the CLI can link them before setup().
+_SPECS = {
+    "digits": (10, 8, 1),
+    "mnist": (10, 28, 1),
+    "fashion_mnist": (10, 28, 1),
+    "cifar10": (10, 32, 3),
+    "cifar100": (100, 32, 3),
+}
+# Mirror-imaging a digit or a garment label can change what it depicts ("2" vs "S"); natural images are safe.
+_NO_FLIP = ("digits", "mnist", "fashion_mnist")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# name -> (sub-folder, train files, test files, meta file, meta key for class names, label key)
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
+}
+_FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class TensorImageDataset(Dataset):
+    """Integer images held in memory; scaling, resizing and flipping run on whole batches.
+
+    The DataLoader calls ``__getitems__`` with a batch of indices, so a batch costs a few tensor ops and no
+    per-image Python; build loaders with ``collate_fn=collate_batch`` (as the DataModule does).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, max_value: float, image_size: int,
+                 hflip: bool) -> None:
+        self.images, self.labels = images, labels
+        self.max_value, self.image_size, self.hflip = float(max_value), image_size, hflip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def transform(self, x: Tensor) -> Tensor:
+        """uint8 (B, C, h, w) -> float32 (B, C, S, S) in [-1, 1], randomly mirrored if ``hflip``."""
+        x = x.float() * (2.0 / self.max_value) - 1.0
+        s = self.image_size
+        if x.shape[-2:] != (s, s):
+            # Antialias only matters when shrinking. Bilinear weights are non-negative, so the clamp only
+            # removes float rounding, keeping the documented [-1, 1] range exact.
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
+                              antialias=s < x.shape[-1]).clamp_(-1.0, 1.0)
+        if self.hflip:
+            flip = torch.rand(len(x)) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.contiguous()
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.transform(self.images[idx]), self.labels[idx]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+
+def collate_batch(batch: tuple[Tensor, Tensor] | list) -> tuple[Tensor, Tensor]:
+    """Pass batches from ``TensorImageDataset.__getitems__`` through; collate per-sample lists as usual."""
+    if isinstance(batch, tuple):
+        return batch
+    return torch.utils.data.default_collate(batch)
+
+
+class ImageFileDataset(Dataset):
+    """(path, label) pairs decoded with PIL, always converted to RGB."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded per-class split: (train indices, val indices), both sorted; same seed, same split."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(labels), generator=gen)
+    val = []
+    for c in labels.unique():  # a loop over classes, not images
+        members = perm[labels[perm] == c]
+        val.append(members[: min(len(members), round(val_fraction * len(members)))])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[torch.cat(val)] = True
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def _load_pickle(path: Path) -> dict:
+    # The official files are Python 2 pickles: encoding="bytes" is what the CIFAR page prescribes; keys and
+    # strings then come back as bytes, which we decode so Python-3-written files read the same way.
+    with open(path, "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val images in [-1, 1] for digits, MNIST, Fashion-MNIST, CIFAR-10/100 or an image folder.
+
+    ``num_classes``, ``image_size``, ``channels``, ``dataset_id`` and ``class_names`` are known right after
+    construction. MNIST/Fashion-MNIST/CIFAR use the official test split as val (``val_fraction`` and ``seed``
+    do not apply); digits and a folder without ``train/``+``val/`` are split by ``seed`` and ``val_fraction``.
+    Folder images are always decoded as RGB (channels = 3), resized on the short side and center-cropped;
+    without ``image_size`` they keep the short side of the first image.
+    """
+
+    def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int | None = None,
+                 batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.15,
+                 seed: int = 0, download: bool = False, hflip: bool | None = None) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
+        if name in _NO_FLIP and hflip:
+            raise ValueError(f"hflip=True is not allowed for {name!r}: a mirrored digit or garment can "
+                             "change class meaning.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}.")
+        if name == "folder" and download:
+            raise ValueError("download=True is not available for name='folder'; place images in data_dir.")
+        # image_size is linked into the model as the *resolved* size; logging the raw None here too
+        # makes Lightning refuse the differing values.
+        self.save_hyperparameters(ignore=["image_size"])
+        self.name, self.data_dir = name, Path(data_dir).expanduser()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction, self.seed, self.download = val_fraction, seed, download
+        self.hflip: bool = (name not in _NO_FLIP) if hflip is None else hflip
+        self._class_names: list[str] | None = None
+        self._splits: dict[str, tuple] | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+
+        if name == "folder":
+            self._train_root, self._val_root = self._folder_roots()
+            self._class_names = self._scan_classes(self._train_root)
+            self.num_classes, self.channels = len(self._class_names), 3
+            self.image_size = image_size or self._first_image_size(self._train_root)
+            tag = hashlib.sha1("\n".join(self._class_names).encode()).hexdigest()[:8]
+            split = "trainval" if self._val_root else f"seed{seed}-val{val_fraction:g}"
+            self.dataset_id = f"folder-{self.data_dir.resolve().name}-{tag}-{self.image_size}px-c3-{split}"
+        else:
+            self.num_classes, native, self.channels = _SPECS[name]
+            self.image_size = image_size or native
+            split = f"seed{seed}-val{val_fraction:g}" if name == "digits" else "official"
+            self.dataset_id = f"{name}-{self.image_size}px-c{self.channels}-{split}"
+            if name in ("digits", "mnist"):
+                self._class_names = [str(i) for i in range(10)]
+            elif name == "fashion_mnist":
+                self._class_names = list(_FASHION_CLASSES)
+            if name != "digits" and not download:
+                self._raise_if_missing()  # fail at construction, before any model is built
+
+    # ------------------------------------------------------------------ files
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (CIFAR names are read from the dataset's meta file)."""
+        if self._class_names is None:
+            folder, _, _, meta, key, _ = _CIFAR[self.name]
+            self._raise_if_missing()
+            names = _load_pickle(self.data_dir / folder / meta)[key]
+            self._class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        return list(self._class_names)
+
+    def _expected_files(self) -> tuple[Path, list[str]]:
+        if self.name in ("mnist", "fashion_mnist"):
+            sub = "MNIST" if self.name == "mnist" else "FashionMNIST"  # torchvision's class names
+            return self.data_dir / sub / "raw", list(_MNIST_FILES)
+        folder, train, test, meta, _, _ = _CIFAR[self.name]
+        return self.data_dir / folder, [*train, *test, meta]
+
+    def _missing_files(self) -> list[str]:
+        directory, files = self._expected_files()
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing and self.name in ("mnist", "fashion_mnist"):
+            # torchvision also accepts its legacy processed/{training,test}.pt caches.
+            processed = directory.parent / "processed"
+            if all((processed / f).is_file() for f in ("training.pt", "test.pt")):
+                return []
+        return missing
+
+    def _raise_if_missing(self) -> None:
+        missing = self._missing_files()
+        if missing:
+            directory, _ = self._expected_files()
+            raise FileNotFoundError(
+                f"{self.name}: missing {', '.join(missing)} in {directory}. Either pass --data.download=true "
+                f"(download=True; needs internet) or place the files in {directory} "
+                f"({'the .gz archives uncompressed' if 'mnist' in self.name else 'the extracted .tar.gz'})."
+            )
+
+    def _folder_roots(self) -> tuple[Path, Path | None]:
+        root = self.data_dir
+        if not root.is_dir():
+            raise FileNotFoundError(f"Image folder {root} not found: expected {root}/<class>/<image> "
+                                    f"or {root}/train/<class>/<image> with {root}/val/<class>/<image>.")
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            return root / "train", root / "val"
+        return root, None
+
+    @staticmethod
+    def _scan_classes(root: Path) -> list[str]:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"No class sub-folders in {root}: expected {root}/<class>/<image>.")
+        return classes
+
+    @staticmethod
+    def _first_image_size(root: Path) -> int:
+        # Look class by class so a large folder is not listed in full just to find one image.
+        for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for path in sorted(class_dir.rglob("*")):
+                if path.suffix.lower() in _IMG_EXTENSIONS:
+                    with Image.open(path) as img:  # reads the header only
+                        return min(img.size)
+        raise FileNotFoundError(f"No images ({', '.join(_IMG_EXTENSIONS)}) under {root}.")
+
+    def _folder_samples(self, root: Path) -> list[tuple[str, int]]:
+        from torchvision.datasets.folder import make_dataset
+
+        extra = self._scan_classes(root) if root != self._train_root else []
+        unknown = sorted(set(extra) - set(self._class_names or []))
+        if unknown:
+            raise ValueError(f"Classes {unknown} in {root} are not in {self._train_root}.")
+        class_to_idx = {c: i for i, c in enumerate(self._class_names or [])}
+        return make_dataset(str(root), class_to_idx, extensions=_IMG_EXTENSIONS, allow_empty=True)
+
+    # ------------------------------------------------------------------ loading
+    def prepare_data(self) -> None:
+        """Download (rank 0 only, by Lightning's rules) when ``download=True`` and files are missing."""
+        if not self.download or self.name in ("digits", "folder") or not self._missing_files():
+            return
+        import torchvision.datasets as tvd
+        from torchvision.datasets import utils as tv_utils
+
+        if self.name in ("mnist", "fashion_mnist"):
+            cls = tvd.MNIST if self.name == "mnist" else tvd.FashionMNIST
+            cls(str(self.data_dir), train=True, download=True)  # fetches and extracts both splits
+        else:
+            cls = tvd.CIFAR10 if self.name == "cifar10" else tvd.CIFAR100
+            # The archive's md5 is checked here, on the real download.
+            tv_utils.download_and_extract_archive(cls.url, str(self.data_dir), filename=cls.filename,
+                                                  md5=cls.tgz_md5)
+
+    def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Official split as (uint8 (N, C, H, W), int64 (N,))."""
+        if self.name in ("mnist", "fashion_mnist"):
+            import torchvision.datasets as tvd
+
+            # torchvision's own IDX reader; it checks only that the raw files exist (no md5).
+            cls = tvd.MNIST if self.name == "mnist" else tvd.FashionMNIST
+            ds = cls(str(self.data_dir), train=train, download=False)
+            return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
+        # CIFAR: torchvision's CIFAR10/100 verify the md5 of every pickle on load, which rejects any tiny
+        # test file in the real format; the format itself is a few lines to read, so we read it here and
+        # use torchvision only to download.
+        folder, train_files, test_files, _, _, label_key = _CIFAR[self.name]
+        images, labels = [], []
+        for fname in train_files if train else test_files:
+            entry = _load_pickle(self.data_dir / folder / fname)
+            images.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+            labels.append(torch.as_tensor(entry[label_key], dtype=torch.long))
+        return torch.cat(images), torch.cat(labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load both splits once (idempotent) and build the train (augmented) and val datasets."""
+        if self._splits is not None:
+            return
+        if self.name == "digits":
+            from sklearn.datasets import load_digits
+
+            bunch = load_digits()  # bundled with scikit-learn: no network
+            images = torch.as_tensor(bunch.images, dtype=torch.uint8).unsqueeze(1)  # integer values 0..16
+            labels = torch.as_tensor(bunch.target, dtype=torch.long)
+            tr, va = stratified_split(labels, self.val_fraction, self.seed)
+            self._splits = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va])}
+        elif self.name == "folder":
+            train = self._folder_samples(self._train_root)
+            if self._val_root is not None:
+                val = self._folder_samples(self._val_root)
+            else:
+                tr, va = stratified_split(torch.tensor([y for _, y in train]), self.val_fraction, self.seed)
+                train, val = [train[i] for i in tr.tolist()], [train[i] for i in va.tolist()]
+            if not train or not val:
+                raise FileNotFoundError(f"Image folder {self.data_dir} gave {len(train)} train and "
+                                        f"{len(val)} val images; both must be non-empty.")
+            self._splits = {"train": (train,), "val": (val,)}
+        else:
+            if self._missing_files():
+                self.prepare_data()  # only downloads when download=True (e.g. setup() called by hand)
+            self._raise_if_missing()
+            self._splits = {"train": self._load_split(True), "val": self._load_split(False)}
+        self.train_dataset = self._make_dataset("train", augment=True)
+        self.val_dataset = self._make_dataset("val", augment=False)
+
+    def _make_dataset(self, split: str, augment: bool) -> Dataset:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"Unknown split {split!r}; use 'train', 'val' or 'test' (= val).")
+        self.setup()
+        assert self._splits is not None
+        data = self._splits["val" if split == "test" else split]
+        flip = augment and self.hflip
+        if self.name != "folder":
+            max_value = 16 if self.name == "digits" else 255
+            return TensorImageDataset(data[0], data[1], max_value, self.image_size, flip)
+        import torchvision.transforms as T
+
+        s = self.image_size
+        steps = [T.Resize(s), T.CenterCrop(s), *([T.RandomHorizontalFlip()] if flip else []),
+                 T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)]
+        return ImageFileDataset(data[0], T.Compose(steps))
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(), collate_fn=collate_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        ds = self.train_dataset
+        assert ds is not None
+        # drop_last keeps batch statistics/logging uniform, but must not empty a tiny dataset.
+        return self._loader(ds, self.batch_size, shuffle=True, drop_last=len(ds) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self.val_dataset is not None
+        return self._loader(self.val_dataset, self.batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def eval_dataloader(self, split: str = "train", batch_size: int | None = None) -> DataLoader:
+        """Un-augmented, unshuffled loader over a split (for reference statistics)."""
+        ds = self._make_dataset(split, augment=False)
+        return self._loader(ds, batch_size or self.batch_size, shuffle=False, drop_last=False)
+
+    def split_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        """The whole split, un-augmented: (float32 (N, C, S, S) in [-1, 1], int64 (N,))."""
+        batches = list(self.eval_dataloader(split, batch_size=1024))
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])

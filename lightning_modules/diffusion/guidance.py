@@ -1,0 +1,167 @@
+"""Guidance rules: how a class-conditional network (and an optional noisy classifier) become one
+guided ε-prediction per step. One sampler loop serves every method; only this object changes.
+
+General form, per sample (CFG scale s_cfg, CG scale s_cg, classifier gradient g = ∇ log p(y|x_t)):
+    ε̂ = ε_u + s_cfg·(ε_c − ε_u)            (diffusers/Imagen convention: s=1 conditional, s=0 unconditional)
+    DDIM:      ε̂ ← ε̂ − s_cg·√(1−ᾱ_t)·g      (ε-form, applied by the sampler)
+    ancestral: μ̂ ← μ + s_cg·Σ_t·g            (mean-form, applied by the sampler)
+The named methods are points of that form: cfg = (s, 0), cg_cond = (1, s), cg_uncond = (0, s),
+cfg+cg = (s, s2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .schedule import NoiseSchedule
+
+METHODS = ("none", "cfg", "cg_cond", "cg_uncond", "cfg+cg")
+SCALE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def method_scales(method: str, scale: float, cg_scale: float = 0.0) -> tuple[float, float]:
+    """(s_cfg, s_cg) for a named method at its native scale; `cg_scale` is the CG part of 'cfg+cg'."""
+    table = {
+        "none": (1.0, 0.0),
+        "cfg": (scale, 0.0),
+        "cg_cond": (1.0, scale),
+        "cg_uncond": (0.0, scale),
+        "cfg+cg": (scale, cg_scale),
+    }
+    if method not in table:
+        raise ValueError(f"unknown guidance method {method!r}; choose one of {METHODS}")
+    return table[method]
+
+
+def gamma(method: str, scale: float, cg_scale: float = 0.0) -> float:
+    """The common axis: the exponent γ on p(y|x) that the method implies (DESIGN.md)."""
+    s_cfg, s_cg = method_scales(method, scale, cg_scale)
+    return s_cfg + s_cg
+
+
+def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    """∇_x log softmax(f(x, t))[y], per sample. Safe to call inside a no-grad sampling loop.
+
+    Summing log-probs over the batch is exact because the classifier has no cross-sample layers.
+    """
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
+        picked = log_probs.gather(1, y.view(-1, 1)).sum()
+        return torch.autograd.grad(picked, x_in)[0]
+
+
+class GuidedDenoiser:
+    """A guided ε-predictor for one batch: labels, per-sample scales and options fixed at creation.
+
+    Per-sample scales let every scale of a sweep run as one batched pass. The guidance interval
+    and the scale schedule modulate only the guidance *beyond* the base branch (the conditional
+    one, or the unconditional one where s_cfg = 0), so outside the interval a sample is plain
+    conditional (or plain unconditional) sampling.
+    """
+
+    def __init__(
+        self,
+        net: Callable[[Tensor, Tensor, Tensor], Tensor],
+        schedule: NoiseSchedule,
+        labels: Tensor,
+        null_label: int,
+        *,
+        prediction: str = "eps",
+        cfg_scale: float | Sequence[float] = 1.0,
+        cg_scale: float | Sequence[float] = 0.0,
+        classifier: nn.Module | None = None,
+        interval: tuple[int, int] | None = None,
+        scale_schedule: str = "constant",
+        cfg_rescale: float = 0.0,
+    ) -> None:
+        n = len(labels)
+        self.cfg_host = _per_sample(cfg_scale, n, "cfg_scale")
+        self._cfg_values = set(self.cfg_host)  # decided on the host, so no per-step device sync
+        self.cg_host = _per_sample(cg_scale, n, "cg_scale")
+        if any(s != 0 for s in self.cg_host) and classifier is None:
+            raise ValueError("classifier guidance (cg_scale != 0) needs a noisy classifier checkpoint")
+        if scale_schedule not in SCALE_SCHEDULES:
+            raise ValueError(f"unknown scale_schedule {scale_schedule!r}; choose one of {SCALE_SCHEDULES}")
+        if not 0.0 <= cfg_rescale <= 1.0:
+            raise ValueError(f"cfg_rescale (φ) must be in [0, 1], got {cfg_rescale}")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.labels = labels
+        self.null = torch.full_like(labels, null_label)
+        self.classifier = classifier
+        self.interval, self.scale_schedule, self.cfg_rescale = interval, scale_schedule, cfg_rescale
+        device = labels.device
+        self.cfg_scale = torch.tensor(self.cfg_host, device=device)
+        self.cg_scale = torch.tensor(self.cg_host, device=device)
+        self.cfg_base = (self.cfg_scale != 0).float()  # 1 = conditional branch is the base, 0 = unconditional
+        self.nfe = 0.0  # network evaluations per sample so far
+        self.classifier_grads = 0.0  # classifier forward+backward passes per sample so far
+
+    def weight(self, t: int) -> float:
+        """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
+        if self.interval is not None and not self.interval[0] <= t <= self.interval[1]:
+            return 0.0
+        progress = 1.0 - t / (self.schedule.timesteps - 1)  # 0 at pure noise, 1 at the data end
+        if self.scale_schedule == "linear":
+            return progress
+        if self.scale_schedule == "cosine":
+            return 0.5 * (1.0 - math.cos(math.pi * progress))
+        return 1.0
+
+    def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        out = self.net(x, t, y).float()
+        return self.schedule.eps_from_output(self.prediction, out, x, t)
+
+    def eps(self, x: Tensor, t: int) -> Tensor:
+        """The CFG-combined ε at training index t (classifier guidance is added by the sampler)."""
+        w = self.weight(t)
+        effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in self._cfg_values}
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        if effective == {1.0}:
+            self.nfe += 1
+            return self._eps(x, t_batch, self.labels)
+        if effective == {0.0}:
+            self.nfe += 1
+            return self._eps(x, t_batch, self.null)
+        # One batched forward; chunk order is fixed: conditional first, null label second.
+        self.nfe += 2
+        eps_c, eps_u = self._eps(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
+                                 torch.cat([self.labels, self.null])).chunk(2)
+        s = (self.cfg_base + (self.cfg_scale - self.cfg_base) * w).view(-1, 1, 1, 1)
+        guided = eps_u + s * (eps_c - eps_u)
+        if self.cfg_rescale > 0:
+            # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's.
+            dims = tuple(range(1, x.ndim))
+            ratio = eps_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+            guided = self.cfg_rescale * guided * ratio + (1 - self.cfg_rescale) * guided
+        return guided
+
+    def grad(self, x: Tensor, t: int) -> Tensor | None:
+        """s_cg(t)·∇_{x_t} log p(y | x_t), or None when no sample is classifier-guided at t."""
+        w = self.weight(t)
+        if w == 0.0 or not any(s != 0 for s in self.cg_host):
+            return None
+        assert self.classifier is not None
+        self.classifier_grads += 1
+        # The classifier is fed the ORIGINAL training index t, also under respaced sampling.
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        g = classifier_grad(self.classifier, x, t_batch, self.labels)
+        return (self.cg_scale * w).view(-1, 1, 1, 1) * g
+
+
+def _per_sample(value: float | Sequence[float] | Tensor, n: int, name: str) -> list[float]:
+    if isinstance(value, Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for a batch of {n} samples")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {values[:5]}...")
+    return values

@@ -1,0 +1,140 @@
+"""The class-conditional diffusion model, trained with label dropout so one network does CFG.
+
+This module wires parts: the UNet (networks/), the schedule, loss and sampler (diffusion/), an EMA
+twin that generates every evaluation sample. Sampling-time knobs (scales, steps, sampler, seeds)
+are arguments of `sample`, never hyperparameters: a checkpoint must not override them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .diffusion import GuidedDenoiser, NoiseSchedule, sample
+from .diffusion.losses import denoising_loss, drop_labels
+from .networks import UNet
+from .training import EMA, adamw_with_warmup, compiled, maybe_channels_last
+
+
+@dataclass
+class Samples:
+    images: Tensor  # (N, C, H, W) in [-1, 1]
+    nfe_per_sample: float  # network evaluations per sample (a CFG step costs 2)
+    classifier_grads_per_sample: float  # classifier forward+backward passes per sample
+
+
+class ConditionalDiffusion(L.LightningModule):
+    """ε- or v-prediction UNet conditioned on a class label, with the null label for CFG."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 8,
+        channels: int = 1,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16,),
+        cross_attention_resolutions: Sequence[int] = (),
+        dropout: float = 0.1,
+        num_heads: int = 4,
+        norm: str = "adagn",
+        schedule: str = "cosine",
+        timesteps: int = 1000,
+        prediction: str = "eps",
+        p_uncond: float = 0.1,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 500,
+        ema_decay: float = 0.9999,
+        compile: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = UNet(image_size, channels, num_classes, base_channels=base_channels,
+                        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+                        attention_resolutions=tuple(attention_resolutions),
+                        cross_attention_resolutions=tuple(cross_attention_resolutions), dropout=dropout,
+                        num_heads=num_heads, norm=norm)
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.ema = EMA(ema_decay)
+        self.schedule = NoiseSchedule(schedule, timesteps)
+        self.null_label = num_classes
+        # Not a registered sub-module: the compiled wrapper shares self.net's parameters.
+        object.__setattr__(self, "_train_net", compiled(self.net, compile))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.net(x, t, y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        x = maybe_channels_last(x, self.hparams.channels_last)
+        y = drop_labels(y, self.hparams.p_uncond, self.null_label)
+        loss = denoising_loss(self._train_net, self.schedule, x, y, self.hparams.prediction)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}; the run stops "
+                "here and the last good checkpoint is last.ckpt in the run's checkpoints/ folder. Lower "
+                "--model.init_args.lr or train with --trainer.precision=32.")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.ema.update(self.ema_net, self.net, self.global_step)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # EMA weights (what generates samples), with noise fixed per batch so epochs compare.
+        x, y = batch
+        gen = torch.Generator(device=x.device).manual_seed(batch_idx)
+        loss = denoising_loss(self.ema_net, self.schedule, x, y, self.hparams.prediction, generator=gen)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x))
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return adamw_with_warmup(self.net.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps, self.device)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Tensor,
+        keys: Tensor,
+        *,
+        steps: int = 50,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        cfg_scale: float | Sequence[float] = 1.0,
+        cg_scale: float | Sequence[float] = 0.0,
+        classifier: nn.Module | None = None,
+        interval: tuple[int, int] | None = None,
+        scale_schedule: str = "constant",
+        cfg_rescale: float = 0.0,
+        clip_x0: bool = True,
+        use_ema: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        progress: bool = False,
+    ) -> Samples:
+        """Generate one image per label; sample i starts from the noise of keys[i] (see diffusion.noise).
+
+        Pass the null index as the label (or cfg_scale=0) for unconditional samples.
+        """
+        net = self.ema_net if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        if classifier is not None:
+            classifier.eval()
+        den = GuidedDenoiser(net, self.schedule, labels.to(self.device), self.null_label,
+                             prediction=self.hparams.prediction, cfg_scale=cfg_scale, cg_scale=cg_scale,
+                             classifier=classifier, interval=interval, scale_schedule=scale_schedule,
+                             cfg_rescale=cfg_rescale)
+        shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        enabled = autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
+            images = sample(den, shape, keys.to(self.device), steps, sampler, eta, clip_x0, progress)
+        net.train(was_training)
+        return Samples(images.float(), den.nfe, den.classifier_grads)
