@@ -62,7 +62,7 @@ class ConditionalDiffusion(L.LightningModule):
                         attention_resolutions=tuple(attention_resolutions),
                         cross_attention_resolutions=tuple(cross_attention_resolutions), dropout=dropout,
                         num_heads=num_heads, norm=norm)
-        self.ema_net = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
         self.ema = EMA(ema_decay)
         self.schedule = NoiseSchedule(schedule, timesteps)
         self.null_label = num_classes

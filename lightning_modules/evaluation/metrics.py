@@ -67,9 +67,7 @@ def fid_from_stats(mu_r: ArrayLike, sigma_r: ArrayLike, fake_features: ArrayLike
     sigma_r = np.asarray(sigma_r.detach().cpu() if isinstance(sigma_r, Tensor) else sigma_r, dtype=np.float64)
     if mu_r.shape != mu_f.shape:
         raise ValueError(f"feature dims differ: reference {mu_r.shape}, fake {mu_f.shape}")
-    out = fid_statistics_to_metric(
-        {"mu": mu_r, "sigma": sigma_r}, {"mu": mu_f, "sigma": sigma_f}, verbose=False
-    )
+    out = fid_statistics_to_metric({"mu": mu_r, "sigma": sigma_r}, {"mu": mu_f, "sigma": sigma_f}, verbose=False)
     return float(out[KEY_METRIC_FID])
 
 
@@ -111,9 +109,7 @@ def classifier_score(logits: ArrayLike) -> float:
     return float(isc_features_to_metric(lg, splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN])
 
 
-def precision_recall(
-    real: ArrayLike, fake: ArrayLike, k: int = 3, batch_size: int = 2048
-) -> tuple[float, float]:
+def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, batch_size: int = 2048) -> tuple[float, float]:
     """Improved precision / recall (Kynkaanniemi et al. 2019): k-NN balls around each set's points.
 
     Precision = share of fake samples inside the real manifold, recall = share of real samples inside the
@@ -217,7 +213,5 @@ def reference_features(
         raise ValueError(f"no images given for reference features {key!r}")
     features = torch.cat(feats)
     atomic_torch_save({"features": features, "extractor_id": extractor.extractor_id, "key": key}, path)
-    log.info(
-        "Reference features %s: %s from %s -> %s", key, tuple(features.shape), extractor.extractor_id, path
-    )
+    log.info("Reference features %s: %s from %s -> %s", key, tuple(features.shape), extractor.extractor_id, path)
     return features

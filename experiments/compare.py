@@ -1,0 +1,113 @@
+"""The one-command study: CG vs CFG on the embedded digits, end to end, on a CPU.
+
+    python -m experiments.compare                 # ≈10 minutes on 2 CPU cores
+    python -m experiments.compare --seeds 0 1 2   # error bars over sampling seeds
+
+Stages: noisy classifier → CFG diffusion model → guidance sweep (evaluator trained/cached on the
+way). Each stage lives in a directory keyed by a hash of its settings: a finished stage is
+reused, an interrupted fit resumes from its last.ckpt, a half-written sweep skips finished cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.sweep_io import format_table, summary
+from experiments.train import main as cli
+from experiments.trends import check_trends
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
+
+
+def stage_dir(root: Path, name: str, args: list[str]) -> Path:
+    """A directory per (stage, settings): the recipe files' contents and the overrides are hashed."""
+    blob = json.dumps([Path(a).read_text() if a.endswith(".yaml") else a for a in args])
+    return root / f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def fit_stage(root: Path, name: str, args: list[str]) -> Path:
+    """Train (or reuse, or resume) one model; returns its last checkpoint."""
+    directory = stage_dir(root, name, args)
+    last, done = directory / "checkpoints" / "last.ckpt", directory / "done.json"
+    if done.exists() and last.exists():
+        print(f"[{name}] reusing finished stage {directory}", flush=True)
+        return last
+    print(f"[{name}] training -> {directory}", flush=True)
+    run = cli(["fit", *args, "--trainer.logger.init_args.save_dir", str(directory)], run=False)
+    for callback in run.trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = str(directory / "checkpoints")
+    start = time.perf_counter()
+    run.trainer.fit(run.model, run.datamodule, ckpt_path=str(last) if last.exists() else None)
+    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+    done.write_text(json.dumps({"seconds": time.perf_counter() - start, "global_step": run.trainer.global_step,
+                                "metrics": metrics}, indent=1))
+    return last
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/compare", help="root directory of all stages")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (error bars)")
+    p.add_argument("--num_samples", type=int, default=500, help="samples per (method, scale, seed) cell")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
+    p.add_argument("--classifier_steps", type=int, default=None, help="override the classifier's max_steps")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="further LightningCLI overrides for the sweep stage, e.g. --sweep.eta=1.0")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")  # a W&B run on disk, no account needed
+    root, start = Path(args.out), time.perf_counter()
+    cls_args = ["--config", str(CONFIGS / "digits_classifier.yaml")]
+    if args.classifier_steps:
+        cls_args += ["--trainer.max_steps", str(args.classifier_steps)]
+    diff_args = ["--config", str(CONFIGS / "digits_diffusion.yaml")]
+    if args.diffusion_steps:
+        diff_args += ["--trainer.max_steps", str(args.diffusion_steps)]
+    classifier = fit_stage(root, "classifier", cls_args)
+    diffusion = fit_stage(root, "diffusion", diff_args)
+
+    sweep_dir = stage_dir(root, "sweep", [*diff_args, str(classifier), str(diffusion)])
+    print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
+    run = cli(["validate", *diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"),
+               "--sweep.classifier_ckpt", str(classifier), "--sweep.output_dir", str(sweep_dir),
+               "--sweep.num_samples", str(args.num_samples), "--sweep.steps", str(args.steps),
+               "--sweep.seeds", json.dumps(args.seeds), "--trainer.logger.init_args.save_dir", str(sweep_dir),
+               *args.extra], run=False)
+    run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
+    sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
+    rows = sweep.last_rows
+
+    best = summary(rows)
+    print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
+    print(format_table(best, ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std",
+                              "nfe_per_sample", "classifier_grads_per_sample", "seconds_per_sample", "seeds"]))
+    print("\n== Trend checks (Ho & Salimans 2022; Dhariwal & Nichol 2021) ==")
+    for line in check_trends(rows):
+        print(line)
+    wandb_dir = next(iter(sorted(sweep_dir.glob("wandb/offline-run-*"))), sweep_dir / "wandb")
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s")
+    print(f"evaluator held-out accuracy: {sweep.extractor.heldout_accuracy:.3f}"
+          if hasattr(sweep.extractor, "heldout_accuracy") else "")
+    print(f"classifier checkpoint: {classifier}")
+    print(f"diffusion checkpoint:  {diffusion}")
+    print(f"plots:                 {sweep_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, front_*.png)")
+    print(f"W&B run (offline):     {wandb_dir}  (upload: wandb sync {wandb_dir})")
+    print(f"sweep table:           {sweep_dir / 'sweep.csv'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
