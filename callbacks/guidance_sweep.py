@@ -19,7 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from lightning_modules.diffusion import METHODS, gamma, method_scales, sample_keys
 
@@ -261,7 +261,7 @@ def _log_cells(run, method: str, rows: list[dict], grid: torch.Tensor, num_class
         run.define_metric(f"sweep/{method}/{name}", step_metric=axis)
     g = len(grid) // len(rows)
     for j, row in enumerate(rows):
-        images = (grid[j * g:(j + 1) * g] + 1) / 2
+        images = make_grid((grid[j * g:(j + 1) * g] + 1) / 2, nrow=min(g, 10), padding=1)
         payload = {axis: row["scale"], f"sweep/{method}/gamma": row["gamma"],
                    **{f"sweep/{method}/{m}": row[m] for m in METRICS},
                    f"sweep/{method}/samples": wandb.Image(images, caption=f"{method} s={row['scale']:g} "

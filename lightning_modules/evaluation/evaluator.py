@@ -161,10 +161,11 @@ def train_evaluator(
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        return _train_loop(
-            x_train, y_train, num_classes, steps, seed, batch_size, lr, weight_decay, max_shift, width, num_features
-        )
+    try:  # callers may sit inside a no-grad sampling or validation context
+        with torch.inference_mode(False), torch.enable_grad():
+            return _train_loop(
+                x_train, y_train, num_classes, steps, seed, batch_size, lr, weight_decay, max_shift, width,
+                num_features)
     finally:
         torch.set_num_threads(threads)
 
@@ -279,22 +280,19 @@ def load_or_train_evaluator(
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"evaluator-{_safe(dataset_id)}-{key}.pt"
 
-    net = EvaluatorNet(x_train.shape[1], num_classes, width=hparams["width"], num_features=hparams["num_features"])
     if path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        net = EvaluatorNet(x_train.shape[1], num_classes, hparams["width"], hparams["num_features"])
         net.load_state_dict(blob["state_dict"])
         acc = float(blob["heldout_accuracy"])
         log.info("Evaluator %s loaded from %s: held-out accuracy %.4f", dataset_id, path, acc)
     else:
         t0 = time.perf_counter()
-        trained = train_evaluator(x_train, y_train, num_classes, steps=steps, seed=seed, **hparams)
-        acc = _accuracy(trained, x_val, y_val)
+        net = train_evaluator(x_train, y_train, num_classes, steps=steps, seed=seed, **hparams)
+        acc = _accuracy(net, x_val, y_val)
         secs = time.perf_counter() - t0
-        net.load_state_dict(trained.state_dict())
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        atomic_torch_save(
-            {"state_dict": state, "heldout_accuracy": acc, "settings": settings, "train_seconds": secs}, path
-        )
+        blob = {"state_dict": net.state_dict(), "heldout_accuracy": acc, "settings": settings, "train_seconds": secs}
+        atomic_torch_save(blob, path)
         log.info(
             "Evaluator %s trained in %.1f s (%d steps): held-out accuracy %.4f on %d images -> %s",
             dataset_id,

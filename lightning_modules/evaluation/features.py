@@ -61,7 +61,7 @@ def check_inception_weights(weights_path: str | os.PathLike | None) -> Path:
         f"time). Missing: {path}\n"
         f"Fix: pass a local copy of {INCEPTION_WEIGHTS_FILENAME} with the sweep callback option "
         f"`{INCEPTION_WEIGHTS_OPTION}`, e.g.\n"
-        f"  --trainer.callbacks.init_args.{INCEPTION_WEIGHTS_OPTION}=/path/to/{INCEPTION_WEIGHTS_FILENAME}\n"
+        f"  --sweep.{INCEPTION_WEIGHTS_OPTION}=/path/to/{INCEPTION_WEIGHTS_FILENAME}\n"
         f"or place the file at {default_inception_weights_path()} (i.e. under $TORCH_HOME/hub/checkpoints/; "
         "TORCH_HOME defaults to ~/.cache/torch). It is released with torch-fidelity v0.2.0 on GitHub."
     )

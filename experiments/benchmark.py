@@ -1,0 +1,352 @@
+"""Throughput of the project's UNet at the DDPM-CIFAR size, against diffusers' UNet2DModel of the same size.
+
+    python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, a sweep
+    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (a minute or so)
+    python -m experiments.benchmark --compile both --out bench.jsonl
+
+Prints one JSON line per measurement on stdout (diagnostics go to stderr):
+  {"bench": "env", ...}                                   device, versions, peak FLOP/s used for MFU
+  {"bench": "train"|"sample", "impl": "ours"|"peer", ...} images/s, ms per iteration, FLOPs per image, MFU
+  {"bench": "ratio", ...}                                 ours/peer images/s for the same bench and compile mode
+  {"bench": "sweep", ...}                                 wall time of a guidance sweep (ours only)
+  {"peer": "skipped", "reason": ...}                      when diffusers is missing or --no-peer
+
+Both networks run the identical step (same inputs, MSE to the noise, AdamW, fused on CUDA) under the same
+autocast, so the ratio isolates the network implementation. FLOPs come from torch.utils.flop_counter
+(matmuls, convolutions, attention; elementwise ops are not counted, as usual for MFU). diffusers is the
+optional `bench` extra (pip install -e .[bench]), never a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_modules.diffusion import GuidedDenoiser, NoiseSchedule, method_scales, sample, sample_keys
+from lightning_modules.networks import EncoderClassifier, UNet
+
+NUM_CLASSES = 10  # CIFAR-10; the embedding tables hold one more row, the null label
+IMAGE_SIZE, CHANNELS, CHANNEL_MULT = 32, 3, (1, 2, 2, 2)
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets. More specific names first:
+# "H100 PCIe" must not match the SXM entry. fp32 runs use TF32 (cuDNN convolutions do by default; matmuls
+# are switched to it below), so their peak is the TF32 one.
+PEAK_TFLOPS = [
+    ("H200", {"bf16": 989.0, "fp32": 494.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 418.0}),
+    ("H100", {"bf16": 989.0, "fp32": 494.0}),
+    ("A100", {"bf16": 312.0, "fp32": 156.0}),
+    ("L40S", {"bf16": 362.0, "fp32": 183.0}),
+]
+PEER_HINT = "diffusers not installed: pip install -e .[bench]"
+
+Step = Callable[[], object]
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The device's dense peak in FLOP/s for `dtype`, or None where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def build_ours(base: int, dropout: float = 0.1) -> nn.Module:
+    return UNet(IMAGE_SIZE, CHANNELS, NUM_CLASSES, base_channels=base, channel_mult=CHANNEL_MULT, num_res_blocks=2,
+                attention_resolutions=(16,), dropout=dropout, num_heads=4)
+
+
+def build_peer(base: int, dropout: float = 0.1) -> nn.Module:
+    """diffusers' UNet2DModel with our layout: attention at 16x16 (the second level), AdaGN (scale_shift),
+    4 heads of the attention width like ours, a class table with the null row."""
+    from diffusers import UNet2DModel
+
+    widths = tuple(base * m for m in CHANNEL_MULT)
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS, block_out_channels=widths,
+        layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=NUM_CLASSES + 1,
+        resnet_time_scale_shift="scale_shift", dropout=dropout, attention_head_dim=widths[1] // 4, norm_num_groups=32)
+
+
+def call_ours(net: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    return net(x, t, y)
+
+
+def call_peer(net: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    return net(x, t, class_labels=y).sample
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step: Step, iters: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `step` after `warmup` untimed calls (compilation, cuDNN autotuning, allocator)."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        synchronize(device)  # kernels are asynchronous: time until they finish, not until they are queued
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fake_batch(n: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x_t, t, y (10% null labels, as CFG training sees them) and the noise target; identical for both nets."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, CHANNELS, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+    t = torch.randint(0, 1000, (n,), generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    y = torch.where(torch.rand(n, generator=gen) < 0.1, torch.full_like(y, NUM_CLASSES), y)
+    noise = torch.randn(x.shape, generator=gen)
+    return x.to(device), t.to(device), y.to(device), noise.to(device)
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def flops_per_image(net: nn.Module, call, device: torch.device, train: bool) -> float:
+    """FLOPs per image of one training step (forward + backward) or one network evaluation, counted at
+    batch 2 (every counted op is linear in the batch)."""
+    x, t, y, noise = fake_batch(2, device, seed=1)
+    if train:
+        flops = count_flops(lambda: F.mse_loss(call(net, x, t, y).float(), noise).backward())
+        net.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            flops = count_flops(lambda: call(net, x, t, y))
+    return flops / 2
+
+
+def train_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str) -> Step:
+    x, t, y, noise = fake_batch(batch, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step() -> None:
+        with autocast(device, dtype):
+            out = call(net, x, t, y)
+        loss = F.mse_loss(out.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sample_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str) -> Step:
+    x, t, y, _ = fake_batch(batch, device)
+
+    def step() -> Tensor:
+        with torch.inference_mode(), autocast(device, dtype):
+            return call(net, x, t, y)
+
+    return step
+
+
+def measure(impl: str, build, call, args, device: torch.device, compile_: bool, flops: dict) -> list[dict]:
+    """Training and sampling throughput of one network in one compile mode."""
+    records = []
+    for bench, batch in (("train", args.train_batch), ("sample", args.sample_batch)):
+        torch.manual_seed(0)
+        net = build(args.base_channels).to(device).train(bench == "train")
+        key = (impl, bench)
+        if key not in flops:  # counted once on the eager network; compiling does not change the maths
+            flops[key] = flops_per_image(net, call, device, train=bench == "train")
+        runner = torch.compile(net) if compile_ else net
+        make = train_step if bench == "train" else sample_step
+        record = {"bench": bench, "impl": impl, "compile": compile_, "dtype": args.dtype, "batch": batch,
+                  "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3)}
+        try:
+            seconds = median_seconds(make(runner, call, batch, device, args.dtype), args.iters,
+                                     args.warmup + (2 if compile_ else 0), device)
+        except Exception as err:  # e.g. no C++ compiler for inductor on this machine: report, go on
+            records.append({**record, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+            continue
+        finally:
+            del net, runner
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        per_image = flops[key]
+        achieved = per_image * batch / seconds
+        peak = peak_flops(device, args.dtype)
+        records.append({**record, "images_per_s": round(batch / seconds, 2), "ms_per_iter": round(1e3 * seconds, 3),
+                        "gflops_per_image": round(per_image / 1e9, 3), "achieved_tflops": round(achieved / 1e12, 4),
+                        "mfu": None if peak is None else round(achieved / peak, 4)})
+    return records
+
+
+def sweep_wall_time(args, device: torch.device) -> dict:
+    """One guidance sweep the way the sweep callback runs it: per method, every scale in one batched pass
+    (per-sample scale vectors), paired noise, DDIM; CG with a randomly initialised noisy classifier (this
+    measures speed, not quality)."""
+    torch.manual_seed(0)
+    net = build_ours(args.base_channels, dropout=0.0).to(device).eval()
+    width, mult = (32, (1, 2, 2)) if args.small else (args.base_channels, CHANNEL_MULT)
+    classifier = EncoderClassifier(IMAGE_SIZE, CHANNELS, NUM_CLASSES, base_channels=width, channel_mult=mult,
+                                   num_res_blocks=1 if args.small else 2, attention_resolutions=(16,),
+                                   pool="attention").to(device).eval().requires_grad_(False)
+    schedule = NoiseSchedule("linear", 1000)
+    n, scales = args.sweep_samples, args.sweep_scales
+    idx = torch.arange(n * len(scales))
+    sample_idx, scale_idx = idx % n, (idx // n).tolist()
+    labels, keys = (sample_idx % NUM_CLASSES).to(device), sample_keys(0, sample_idx).to(device)
+    per_method, cost = {}, {}
+    synchronize(device)
+    start = time.perf_counter()
+    for method in args.sweep_methods:
+        t0 = time.perf_counter()
+        pairs = [method_scales(method, s) for s in scales]
+        den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=[pairs[j][0] for j in scale_idx],
+                             cg_scale=[pairs[j][1] for j in scale_idx], classifier=classifier)
+        with autocast(device, args.dtype):
+            sample(den, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), keys, args.sweep_steps, "ddim")
+        synchronize(device)
+        per_method[method] = round(time.perf_counter() - t0, 3)
+        cost[method] = {"nfe_per_sample": den.nfe, "classifier_grads_per_sample": den.classifier_grads}
+    seconds = time.perf_counter() - start
+    images = n * len(scales) * len(args.sweep_methods)
+    return {"bench": "sweep", "impl": "ours", "dtype": args.dtype, "methods": list(args.sweep_methods),
+            "scales": list(scales), "samples_per_cell": n, "cells": len(scales) * len(args.sweep_methods),
+            "sampler": "ddim", "steps": args.sweep_steps, "images": images, "seconds": round(seconds, 3),
+            "images_per_s": round(images / seconds, 3), "seconds_per_method": per_method, "cost": cost}
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """ours/peer images/s for every (bench, compile mode) measured on both sides."""
+    speed = {(r["impl"], r["bench"], r["compile"]): r["images_per_s"] for r in records if "images_per_s" in r}
+    out = []
+    for (impl, bench, compile_), ours in speed.items():
+        peer = speed.get(("peer", bench, compile_))
+        if impl == "ours" and peer:
+            out.append({"bench": "ratio", "of": bench, "compile": compile_, "dtype": records[0]["dtype"],
+                        "ours_over_peer": round(ours / peer, 4)})
+    return out
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--small", action="store_true", help="CPU-friendly: small batches, few iterations, tiny sweep")
+    p.add_argument("--compile", choices=("on", "off", "both", "auto"), default="auto",
+                   help="torch.compile the networks; auto = both on CUDA, off elsewhere")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (CPU bf16 is often slower)")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure diffusers' UNet2DModel (the `bench` extra)")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="time a guidance sweep")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (+2 when compiled)")
+    p.add_argument("--train-batch", type=int, default=None, help="default 128 (8 with --small)")
+    p.add_argument("--sample-batch", type=int, default=None, help="default 512 (16 with --small)")
+    p.add_argument("--base-channels", type=int, default=128, help="network width; 128 = DDPM-CIFAR (~38M)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                               else args.device)
+    cuda = args.device.type == "cuda"
+    args.dtype = ("bf16" if cuda else "fp32") if args.dtype == "auto" else args.dtype
+    args.compile = ("both" if cuda else "off") if args.compile == "auto" else args.compile
+    small = args.small
+    args.iters = args.iters or (2 if small else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
+    args.train_batch = args.train_batch or (8 if small else 128)
+    args.sample_batch = args.sample_batch or (16 if small else 512)
+    # The sweep: methods x scales x samples per cell, DDIM steps.
+    args.sweep_methods = ("cfg", "cg_cond") if small else ("cfg", "cg_cond", "cg_uncond")
+    args.sweep_scales = (1.0, 3.0) if small else (0.0, 1.0, 2.0, 4.0)
+    args.sweep_samples = 4 if small else 500
+    args.sweep_steps = 3 if small else 50
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; print (and return) one dict per JSON line."""
+    args = parse_args(argv)
+    device = args.device
+    if args.dtype == "fp32":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, like cuDNN's default for convolutions
+    out_file = open(args.out, "a") if args.out else None  # noqa: SIM115 - closed below
+
+    def emit(record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out_file is not None:
+            print(line, file=out_file, flush=True)
+
+    records: list[dict] = []
+    impls = [("ours", build_ours, call_ours)]
+    peer_note = None
+    if not args.peer:
+        peer_note = {"peer": "skipped", "reason": "--no-peer"}
+    else:
+        try:
+            import diffusers  # noqa: F401
+            impls.append(("peer", build_peer, call_peer))
+        except ImportError:
+            peer_note = {"peer": "skipped", "reason": PEER_HINT}
+    env = {"bench": "env", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "python": platform.python_version(), "dtype": args.dtype,
+           "compile": args.compile, "small": args.small, "iters": args.iters, "warmup": args.warmup,
+           "peak_tflops": None if peak_flops(device, args.dtype) is None else peak_flops(device, args.dtype) / 1e12,
+           "diffusers": _installed_version("diffusers")}
+    emit(env)
+    if peer_note:
+        emit(peer_note)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    flops: dict = {}
+    try:
+        for compile_ in modes:
+            for impl, build, call in impls:
+                for record in measure(impl, build, call, args, device, compile_, flops):
+                    records.append(record)
+                    emit(record)
+        for record in ratios(records):
+            records.append(record)
+            emit(record)
+        if args.sweep:
+            record = sweep_wall_time(args, device)
+            records.append(record)
+            emit(record)
+    finally:
+        if out_file is not None:
+            out_file.close()
+    return [env, *([peer_note] if peer_note else []), *records]
+
+
+if __name__ == "__main__":
+    main()

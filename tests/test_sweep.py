@@ -1,0 +1,164 @@
+"""End to end on tiny digits models: both fits through the CLI, then the guidance sweep."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from callbacks import GuidanceSweep
+from experiments.train import main
+from lightning_modules import ConditionalDiffusion, NoisyClassifier
+
+from .helpers import ROOT, fit, sweep_args
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    return {
+        "classifier": fit("classifier", root / "cls"),
+        "diffusion": fit("diffusion", root / "diff"),
+        "cache": root / "cache",
+        "root": root,
+    }
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fits_write_checkpoints_and_classifier_quartile_metrics(trained):
+    ckpt = torch.load(trained["classifier"], map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    hp = NoisyClassifier.load_from_checkpoint(trained["classifier"]).hparams
+    assert (hp.num_classes, hp.image_size, hp.channels, hp.schedule, hp.timesteps) == (10, 8, 1, "cosine", 1000)
+    model = ConditionalDiffusion.load_from_checkpoint(trained["diffusion"])
+    assert model.null_label == 10 and model.net.class_embed.num_embeddings == 11
+    assert any(k.startswith("ema_net.") for k in torch.load(trained["diffusion"], weights_only=False)["state_dict"])
+
+
+def test_classifier_logs_loss_and_accuracy_per_timestep_quartile(tmp_path):
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/experiments/digits_classifier.yaml",
+            "--model.init_args.base_channels=16",
+            "--trainer.max_steps=5",
+            "--data.batch_size=256",
+            "--trainer.limit_val_batches=2",
+            "--trainer.check_val_every_n_epoch=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    logged = cli.trainer.logged_metrics
+    for stage in ("train", "val"):
+        for q in range(4):
+            assert f"{stage}/acc_q{q}" in logged and f"{stage}/loss_q{q}" in logged
+    assert "train/loss" in logged and "val/acc" in logged
+
+
+def test_sweep_writes_every_cell_resumes_and_logs_offline(trained, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    args = sweep_args(trained["diffusion"], trained["classifier"], out, trained["cache"], tmp_path / "logs")
+    # A fresh process, as a user runs it: W&B's mode is read once per process.
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args], env=env, check=True, cwd=ROOT, capture_output=True
+    )
+    rows = read_rows(out / "sweep.csv")
+    assert sorted((r["method"], float(r["scale"])) for r in rows) == [
+        ("cfg", 0.0),
+        ("cfg", 2.0),
+        ("cg_cond", 0.0),
+        ("cg_cond", 3.0),
+        ("cg_uncond", 2.0),
+    ]
+    required = [
+        "method",
+        "scale",
+        "gamma",
+        "seed",
+        "num_samples",
+        "steps",
+        "nfe_per_sample",
+        "classifier_grads_per_sample",
+        "fid",
+        "kid",
+        "score",
+        "precision",
+        "recall",
+        "accuracy",
+        "seconds",
+    ]
+    assert all(c in rows[0] for c in required)
+    by = {(r["method"], float(r["scale"])): r for r in rows}
+    assert (
+        float(by[("cfg", 2.0)]["nfe_per_sample"]) == 6 and float(by[("cfg", 2.0)]["classifier_grads_per_sample"]) == 0
+    )
+    assert float(by[("cg_cond", 3.0)]["nfe_per_sample"]) == 3
+    assert float(by[("cg_cond", 3.0)]["classifier_grads_per_sample"]) == 3
+    assert float(by[("cg_cond", 3.0)]["gamma"]) == 4.0
+    # Paired noise: CFG at s=1 would equal cg_cond at 0; here cg_cond s=0 is the plain conditional model.
+    for name in (
+        "sweep.json",
+        "metrics_vs_scale.png",
+        "metrics_vs_gamma.png",
+        "front_fid_vs_accuracy.png",
+        "front_precision_vs_recall.png",
+        "grids/cfg_s2_seed0.png",
+    ):
+        assert (out / name).exists(), name
+    assert list((tmp_path / "logs" / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+    # Kill half-way: keep the first two cells, rerun, and check only the missing cells are sampled.
+    lines = (out / "sweep.csv").read_text().splitlines()
+    (out / "sweep.csv").write_text("\n".join(lines[:3]) + "\n")
+    kept = read_rows(out / "sweep.csv")
+    calls = []
+    original = GuidanceSweep._run_method
+
+    def spy(self, trainer, module, method, scales, seed, signature):
+        calls.append((method, list(scales)))
+        return original(self, trainer, module, method, scales, seed, signature)
+
+    monkeypatch.setattr(GuidanceSweep, "_run_method", spy)
+    main(args)
+    done_before = {(r["method"], float(r["scale"])) for r in kept}
+    assert all((m, s) not in done_before for m, scales in calls for s in scales)
+    rows2 = read_rows(out / "sweep.csv")
+    assert len(rows2) == 5 and rows2[:2] == kept
+
+
+def test_same_seeds_give_same_metrics(trained, tmp_path):
+    scales = {"cfg": [1.5]}
+    a = main(
+        sweep_args(
+            trained["diffusion"], trained["classifier"], tmp_path / "a", trained["cache"], tmp_path / "la", scales
+        )
+    )
+    b = main(
+        sweep_args(
+            trained["diffusion"], trained["classifier"], tmp_path / "b", trained["cache"], tmp_path / "lb", scales
+        )
+    )
+    ra, rb = read_rows(tmp_path / "a" / "sweep.csv"), read_rows(tmp_path / "b" / "sweep.csv")
+    assert ra[0]["fid"] == rb[0]["fid"] and ra[0]["accuracy"] == rb[0]["accuracy"]
+    assert a.trainer is not b.trainer
+
+
+def test_incompatible_classifier_fails_before_sampling(trained, tmp_path):
+    other = fit("classifier", tmp_path / "cls_linear", steps=2, extra=["--model.init_args.schedule=linear"])
+    with pytest.raises(ValueError, match="schedule"):
+        main(sweep_args(trained["diffusion"], other, tmp_path / "s", trained["cache"], tmp_path / "l"))
+    assert not (tmp_path / "s" / "sweep.csv").exists()
+
+
+def test_classifier_guidance_without_checkpoint_is_a_clear_error():
+    with pytest.raises(ValueError, match="classifier_ckpt"):
+        GuidanceSweep(methods=["cg_cond"])
