@@ -72,3 +72,9 @@ def log_to_wandb(run, rows: list[dict], plot_paths: list[Path]) -> None:
     for path in plot_paths:
         payload[f"sweep/plots/{path.stem}"] = wandb.Image(str(path))
     run.log(payload)
+    # The run summary would otherwise hold the *last* logged scale's FID; W&B sweeps rank runs by
+    # the summary, so give them the best FID over scales (mean over seeds) per method.
+    for method, points in aggregate(rows, "fid").items():
+        best = min(points, key=lambda p: p[2])
+        run.summary[f"sweep/{method}/best_fid"] = best[2]
+        run.summary[f"sweep/{method}/best_scale"] = best[0]

@@ -41,16 +41,25 @@ def fit_stage(root: Path, name: str, args: list[str]) -> Path:
         print(f"[{name}] reusing finished stage {directory}", flush=True)
         return last
     print(f"[{name}] training -> {directory}", flush=True)
-    run = cli(["fit", *args, "--trainer.logger.init_args.save_dir", str(directory)], run=False)
+    run = cli([*args, "--trainer.logger.init_args.save_dir", str(directory)], run=False)
     for callback in run.trainer.callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(directory / "checkpoints")
     start = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule, ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
+    finish_wandb()
     done.write_text(json.dumps({"seconds": time.perf_counter() - start, "global_step": run.trainer.global_step,
                                 "metrics": metrics}, indent=1))
     return last
+
+
+def finish_wandb() -> None:
+    """Close this stage's W&B run: WandbLogger would otherwise log the next stage into it."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     sweep_dir = stage_dir(root, "sweep", [*diff_args, str(classifier), str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
-    run = cli(["validate", *diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"),
+    run = cli([*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"),
                "--sweep.classifier_ckpt", str(classifier), "--sweep.output_dir", str(sweep_dir),
                "--sweep.num_samples", str(args.num_samples), "--sweep.steps", str(args.steps),
                "--sweep.seeds", json.dumps(args.seeds), "--trainer.logger.init_args.save_dir", str(sweep_dir),
@@ -89,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
     sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
     rows = sweep.last_rows
+    finish_wandb()
 
     best = summary(rows)
     print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
