@@ -47,3 +47,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_last_good_checkpoi
     ckpt = load(last)
     assert ckpt["global_step"] == 5  # the end of the first epoch, before the bad step
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_bf16_mixed_precision_and_channels_last_train_on_cpu(tmp_path):
+    cli = main([*BASE, "--trainer.max_steps=2", "--trainer.precision=bf16-mixed",
+                "--model.init_args.channels_last=true", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss"])))

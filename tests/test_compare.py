@@ -1,0 +1,34 @@
+"""The README's main command, at a tiny setting: it finishes, names its outputs, and reuses stages."""
+
+import pytest
+
+from callbacks import GuidanceSweep
+from experiments import compare
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--classifier_steps", "5", "--diffusion_steps", "5", "--num_samples", "20", "--steps", "2", "--seeds", "0",
+        "1", "--extra", "--sweep.progress=false", "--trainer.enable_progress_bar=false"]
+
+
+def test_compare_runs_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # caches (.cache/guidelab) and runs/ land here
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    rows = compare.main(["--out", str(tmp_path / "out"), *TINY])
+    methods = {r["method"] for r in rows}
+    assert methods == {"cfg", "cg_cond", "cg_uncond"}
+    assert {r["seed"] for r in rows} == {0, 1}
+    out = capsys.readouterr().out
+    assert "Best FID per method" in out and "Trend checks" in out
+    tail = out.strip().splitlines()[-1]
+    assert tail.startswith("sweep table:") and tail.endswith("sweep.csv")
+    (sweep_dir,) = (tmp_path / "out").glob("sweep-*")
+    assert (sweep_dir / "metrics_vs_scale.png").exists() and (sweep_dir / "sweep.json").exists()
+
+    # Second run: both fits and every sweep cell are reused; no sampling pass runs.
+    calls = []
+    monkeypatch.setattr(GuidanceSweep, "_run_method", lambda *a, **k: calls.append(a))
+    again_rows = compare.main(["--out", str(tmp_path / "out"), *TINY])
+    again = capsys.readouterr().out
+    assert "[classifier] reusing" in again and "[diffusion] reusing" in again
+    assert calls == [] and len(again_rows) == len(rows)
