@@ -12,7 +12,7 @@ from callbacks import GuidanceSweep
 from experiments.train import main
 from lightning_modules import ConditionalDiffusion, NoisyClassifier
 
-from .helpers import ROOT, fit, sweep_args
+from .helpers import CONFIGS, FAST_TRAINER, ROOT, TINY_NET, fit, sweep_args
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,16 @@ def test_incompatible_classifier_fails_before_sampling(trained, tmp_path):
 def test_classifier_guidance_without_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="classifier_ckpt"):
         GuidanceSweep(methods=["cg_cond"])
+
+
+def test_sweep_runs_every_n_epochs_during_fit_and_at_the_end(trained, tmp_path):
+    args = ["fit", "--config", str(CONFIGS / "digits_diffusion.yaml"), *TINY_NET, *FAST_TRAINER,
+            "--config", str(CONFIGS / "digits_sweep.yaml"), "--trainer.max_steps=10", "--data.batch_size=256",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--sweep.methods=[cfg]", '--sweep.scales={"cfg": [1.0]}',
+            "--sweep.every_n_epochs=1", "--sweep.num_samples=10", "--sweep.steps=2", "--sweep.progress=false",
+            f"--sweep.cache_dir={trained['cache']}"]
+    cli = main(args)
+    (csv_path,) = tmp_path.glob("guidelab/*/sweep/sweep.csv")  # next to the run's checkpoints/
+    steps = [int(r["global_step"]) for r in read_rows(csv_path)]
+    assert steps == [5, 10]  # after epoch 1 and epoch 2; the end-of-fit sweep finds step 10 already done
+    assert cli.trainer.global_step == 10
