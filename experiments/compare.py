@@ -88,13 +88,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = fit_stage(root, "classifier", cls_args)
     diffusion = fit_stage(root, "diffusion", diff_args)
 
-    sweep_dir = stage_dir(root, "sweep", [*diff_args, str(classifier), str(diffusion)])
+    sweep_args = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
+                  str(classifier), "--sweep.num_samples", str(args.num_samples), "--sweep.steps", str(args.steps),
+                  "--sweep.seeds", json.dumps(args.seeds), *args.extra]
+    sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
-    run = cli([*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"),
-               "--sweep.classifier_ckpt", str(classifier), "--sweep.output_dir", str(sweep_dir),
-               "--sweep.num_samples", str(args.num_samples), "--sweep.steps", str(args.steps),
-               "--sweep.seeds", json.dumps(args.seeds), "--trainer.logger.init_args.save_dir", str(sweep_dir),
-               *args.extra], run=False)
+    run = cli([*sweep_args, "--sweep.output_dir", str(sweep_dir), "--trainer.logger.init_args.save_dir",
+               str(sweep_dir)], run=False)
     run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
     sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
     rows = sweep.last_rows
