@@ -182,8 +182,10 @@ class GuidanceSweep(Callback):
         total, g = n * len(scales), min(self.grid_size, n)
         items = torch.arange(rank, total, world)
         feats = torch.zeros(total, self.extractor.num_features, device=device)
-        logits = torch.zeros(total, num_classes if self.extractor_kind == "evaluator" else 1008, device=device)
         shape = (module.hparams.channels, module.hparams.image_size, module.hparams.image_size)
+        # Logit width differs by extractor (dataset classes, or Inception's 1008): ask it once.
+        logit_dim = self.extractor.extract(torch.zeros(1, *shape, device=device))[1].shape[1]
+        logits = torch.zeros(total, logit_dim, device=device)
         grid = torch.zeros(len(scales) * g, *shape, device=device)
         pairs = [method_scales(method, s, self.combo_cg_scale) for s in scales]
         autocast = torch.bfloat16 if self._bf16(trainer) else None
