@@ -6,15 +6,15 @@ Images come out as float32 (C, H, W) in [-1, 1], labels as int64. Nothing is dow
 
 import hashlib
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from datamodules.datasets import DeviceBatches, ImageFileDataset, TensorImageDataset, collate_batch
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
 # name -> (num_classes, native image size, channels): constants, so the CLI can link them before setup().
@@ -38,66 +38,6 @@ _CIFAR = {
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class TensorImageDataset(Dataset):
-    """Integer images held in memory; scaling, resizing and flipping run on whole batches.
-
-    The DataLoader calls ``__getitems__`` with a batch of indices, so a batch costs a few tensor ops and no
-    per-image Python; build loaders with ``collate_fn=collate_batch`` (as the DataModule does).
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, max_value: float, image_size: int,
-                 hflip: bool) -> None:
-        self.images, self.labels = images, labels
-        self.max_value, self.image_size, self.hflip = float(max_value), image_size, hflip
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def transform(self, x: Tensor) -> Tensor:
-        """uint8 (B, C, h, w) -> float32 (B, C, S, S) in [-1, 1], randomly mirrored if ``hflip``."""
-        x = x.float() * (2.0 / self.max_value) - 1.0
-        s = self.image_size
-        if x.shape[-2:] != (s, s):
-            # Antialias only matters when shrinking. Bilinear weights are non-negative, so the clamp only
-            # removes float rounding, keeping the documented [-1, 1] range exact.
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
-                              antialias=s < x.shape[-1]).clamp_(-1.0, 1.0)
-        if self.hflip:
-            flip = torch.rand(len(x)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x.contiguous()
-
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.transform(self.images[idx]), self.labels[idx]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.__getitems__([index])
-        return x[0], y[0]
-
-
-def collate_batch(batch: tuple[Tensor, Tensor] | list) -> tuple[Tensor, Tensor]:
-    """Pass batches from ``TensorImageDataset.__getitems__`` through; collate per-sample lists as usual."""
-    if isinstance(batch, tuple):
-        return batch
-    return torch.utils.data.default_collate(batch)
-
-
-class ImageFileDataset(Dataset):
-    """(path, label) pairs decoded with PIL, always converted to RGB."""
-
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable) -> None:
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
 
 
 def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -133,7 +73,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int | None = None,
                  batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.15,
-                 seed: int = 0, download: bool = False, hflip: bool | None = None) -> None:
+                 seed: int = 0, download: bool = False, hflip: bool | None = None, on_device: bool = False) -> None:
         super().__init__()
         if name not in DATASETS:
             raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASETS)}.")
@@ -144,6 +84,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}.")
+        if on_device and (name == "folder" or num_workers > 0):
+            raise ValueError("on_device=True keeps an in-memory dataset on the accelerator and gathers batches "
+                             "in the main process: it needs a tensor dataset (not 'folder') and num_workers=0.")
         if name == "folder" and download:
             raise ValueError("download=True is not available for name='folder'; place images in data_dir.")
         # image_size is linked into the model as the *resolved* size; logging the raw None here too
@@ -153,6 +96,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.seed, self.download = val_fraction, seed, download
         self.hflip: bool = (name not in _NO_FLIP) if hflip is None else hflip
+        self.on_device = on_device
         self._class_names: list[str] | None = None
         self._splits: dict[str, tuple] | None = None
         self.train_dataset: Dataset | None = None
@@ -348,7 +292,21 @@ class ImageDataModule(L.LightningDataModule):
         ds = self.train_dataset
         assert ds is not None
         # drop_last keeps batch statistics/logging uniform, but must not empty a tiny dataset.
-        return self._loader(ds, self.batch_size, shuffle=True, drop_last=len(ds) > self.batch_size)
+        drop_last = len(ds) > self.batch_size
+        if self.on_device:
+            return self._device_loader(ds, drop_last)
+        return self._loader(ds, self.batch_size, shuffle=True, drop_last=drop_last)
+
+    def _device_loader(self, ds: Dataset, drop_last: bool) -> DataLoader:
+        """Small datasets on the accelerator: the uint8 images move there once; batches never cross the bus."""
+        assert isinstance(ds, TensorImageDataset)
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        ds.images, ds.labels = ds.images.to(device), ds.labels.to(device)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+        batches = DeviceBatches(ds, self.batch_size, drop_last, self.seed, epoch, rank, world)
+        return DataLoader(batches, batch_size=None, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -118,10 +118,12 @@ class ConditionalDiffusion(L.LightningModule):
         use_ema: bool = True,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
+        compile: str | None = None,
     ) -> Samples:
         """Generate one image per label; sample i starts from the noise of keys[i] (see diffusion.noise).
 
-        Pass the null index as the label (or cfg_scale=0) for unconditional samples.
+        Pass the null index as the label (or cfg_scale=0) for unconditional samples. `compile` is a
+        torch.compile mode for the whole sampler step (None = eager; "reduce-overhead" = CUDA graphs).
         """
         net = self.ema_net if use_ema else self.net
         was_training = net.training
@@ -135,6 +137,7 @@ class ConditionalDiffusion(L.LightningModule):
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         enabled = autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-            images = sample(den, shape, keys.to(self.device), steps, sampler, eta, clip_x0, progress)
+            images = sample(den, shape, keys.to(self.device), steps, sampler, eta, clip_x0, progress,
+                            compile=compile)
         net.train(was_training)
         return Samples(images.float(), den.nfe, den.classifier_grads)

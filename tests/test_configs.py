@@ -12,7 +12,8 @@ from .test_datamodule import make_cifar10
 
 FAST_CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32", "--trainer.max_steps=1",
             "--data.batch_size=2", "--data.num_workers=0", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--model.init_args.compile=false"]  # the recipes compile for GPUs; a CPU inductor build takes minutes
 
 
 @pytest.mark.parametrize("recipe", ["cifar10_diffusion.yaml", "cifar10_classifier.yaml"])

@@ -311,3 +311,33 @@ def test_image_folder_missing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="class"):
         ImageDataModule("folder", data_dir=str(tmp_path / "empty"))
+
+
+def test_on_device_batches_cover_the_epoch_and_split_ranks(tmp_path: Path, no_download: None) -> None:
+    """Data kept on the accelerator: every epoch is a fresh permutation, ranks take disjoint equal shares,
+    images are the same transform of the same data (flips included), and bad combinations are refused."""
+    from datamodules.datasets import DeviceBatches, TensorImageDataset
+
+    make_cifar10(tmp_path)
+    dm = ImageDataModule("cifar10", data_dir=str(tmp_path), batch_size=4, on_device=True)
+    loader = dm.train_dataloader()  # no trainer attached: the CPU is "the device"
+    clean, labels = dm.split_tensors("train")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 5 and all(x.shape == (4, 3, 32, 32) for x, _ in batches)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    # Each image is a (possibly mirrored) training image; label order follows the same permutation.
+    match = [next(i for i in range(20) if torch.equal(a, clean[i]) or torch.equal(a, clean[i].flip(-1)))
+             for a in x]
+    assert sorted(match) == list(range(20)) and torch.equal(y, labels[match])
+    epochs = iter(range(3))
+    ds = TensorImageDataset(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1), torch.arange(20), 255, 1, False)
+    shards = [DeviceBatches(ds, 3, True, seed=0, epoch=lambda: 0, rank=r, world=2) for r in range(2)]
+    seen = [torch.cat([b for _, b in s]).tolist() for s in shards]
+    assert [len(s) for s in shards] == [3, 3] and len(seen[0]) == len(seen[1]) == 9
+    assert not set(seen[0]) & set(seen[1])  # the two ranks never train on the same image in an epoch
+    perm_a = torch.cat([b for _, b in DeviceBatches(ds, 20, False, 0, lambda: next(epochs))])
+    perm_b = torch.cat([b for _, b in DeviceBatches(ds, 20, False, 0, lambda: next(epochs))])
+    assert not torch.equal(perm_a, perm_b)  # a new order each epoch
+    with pytest.raises(ValueError, match="num_workers=0"):
+        ImageDataModule("cifar10", data_dir=str(tmp_path), on_device=True, num_workers=2)

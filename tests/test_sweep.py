@@ -162,6 +162,8 @@ def test_incompatible_classifier_fails_before_sampling(trained, tmp_path):
 def test_classifier_guidance_without_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="classifier_ckpt"):
         GuidanceSweep(methods=["cg_cond"])
+    with pytest.raises(ValueError, match="reduce-overhead"):  # names the valid compile modes
+        GuidanceSweep(methods=["cfg"], compile="fastest")
 
 
 def test_sweep_runs_every_n_epochs_during_fit_and_at_the_end(trained, tmp_path):

@@ -49,8 +49,10 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_last_good_checkpoi
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_bf16_mixed_precision_and_channels_last_train_on_cpu(tmp_path):
-    cli = main([*BASE, "--trainer.max_steps=2", "--trainer.precision=bf16-mixed",
+def test_gpu_path_options_train_on_cpu(tmp_path):
+    """bf16 autocast, channels_last and data kept on the device (here the CPU) run through Lightning."""
+    cli = main([*BASE, "--trainer.max_steps=2", "--trainer.precision=bf16-mixed", "--data.on_device=true",
                 "--model.init_args.channels_last=true", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     assert cli.trainer.global_step == 2
+    assert cli.datamodule.train_dataset.images.device == cli.trainer.strategy.root_device
     assert torch.isfinite(torch.tensor(float(cli.trainer.callback_metrics["train/loss"])))

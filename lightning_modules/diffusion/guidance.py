@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,15 +46,31 @@ def gamma(method: str, scale: float, cg_scale: float = 0.0) -> float:
 
 
 def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    """∇_x log softmax(f(x, t))[y], per sample. Safe to call inside a no-grad sampling loop.
+    """∇_x log softmax(f(x, t))[y], per sample. Safe inside no-grad / inference-mode sampling loops.
 
     Summing log-probs over the batch is exact because the classifier has no cross-sample layers.
+    `torch.func.grad` (not `torch.autograd.grad`) so that torch.compile traces the classifier's forward
+    and backward into the same graph as the denoiser step instead of breaking the graph here.
     """
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
+
+    def log_prob(x_in: Tensor) -> Tensor:
         log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
-        picked = log_probs.gather(1, y.view(-1, 1)).sum()
-        return torch.autograd.grad(picked, x_in)[0]
+        return log_probs.gather(1, y.view(-1, 1)).sum()
+
+    return torch.func.grad(log_prob)(x.detach())
+
+
+@dataclass(frozen=True)
+class StepMode:
+    """What one sampling step evaluates, decided on the host before the step runs.
+
+    `branches`: "cond" or "uncond" (one network evaluation) or "both" (one batched forward of 2B);
+    `classifier`: whether any sample is classifier-guided at this step. A compiled step is specialised
+    on these two values, so a whole sweep compiles a handful of graphs, never one per timestep.
+    """
+
+    branches: str
+    classifier: bool
 
 
 class GuidedDenoiser:
@@ -113,25 +130,34 @@ class GuidedDenoiser:
             return 0.5 * (1.0 - math.cos(math.pi * progress))
         return 1.0
 
+    def mode(self, t: int) -> StepMode:
+        """Which evaluations step t needs (host-side: no device sync, nothing counted)."""
+        w = self.weight(t)
+        effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in self._cfg_values}
+        branches = "cond" if effective == {1.0} else "uncond" if effective == {0.0} else "both"
+        return StepMode(branches, w != 0.0 and any(s != 0 for s in self.cg_host))
+
+    def count(self, mode: StepMode) -> None:
+        """Book the cost of one step per sample (a batched CFG forward of 2B counts 2)."""
+        self.nfe += 2 if mode.branches == "both" else 1
+        self.classifier_grads += int(mode.classifier)
+
     def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         out = self.net(x, t, y).float()
         return self.schedule.eps_from_output(self.prediction, out, x, t)
 
-    def eps(self, x: Tensor, t: int) -> Tensor:
-        """The CFG-combined ε at training index t (classifier guidance is added by the sampler)."""
-        w = self.weight(t)
-        effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in self._cfg_values}
-        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-        if effective == {1.0}:
-            self.nfe += 1
-            return self._eps(x, t_batch, self.labels)
-        if effective == {0.0}:
-            self.nfe += 1
-            return self._eps(x, t_batch, self.null)
+    def guided_eps(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode) -> Tensor:
+        """The CFG-combined ε for a batch at training indices t (B,), guidance weight w (0-d tensor).
+
+        Pure tensor code (no host reads), so the sampler may compile it; classifier guidance is
+        added by the sampler from `scaled_grad`.
+        """
+        if mode.branches == "cond":
+            return self._eps(x, t, self.labels)
+        if mode.branches == "uncond":
+            return self._eps(x, t, self.null)
         # One batched forward; chunk order is fixed: conditional first, null label second.
-        self.nfe += 2
-        eps_c, eps_u = self._eps(torch.cat([x, x]), torch.cat([t_batch, t_batch]),
-                                 torch.cat([self.labels, self.null])).chunk(2)
+        eps_c, eps_u = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, self.null])).chunk(2)
         s = (self.cfg_base + (self.cfg_scale - self.cfg_base) * w).view(-1, 1, 1, 1)
         guided = eps_u + s * (eps_c - eps_u)
         if self.cfg_rescale > 0:
@@ -141,17 +167,31 @@ class GuidedDenoiser:
             guided = self.cfg_rescale * guided * ratio + (1 - self.cfg_rescale) * guided
         return guided
 
-    def grad(self, x: Tensor, t: int) -> Tensor | None:
-        """s_cg(t)·∇_{x_t} log p(y | x_t), or None when no sample is classifier-guided at t."""
-        w = self.weight(t)
-        if w == 0.0 or not any(s != 0 for s in self.cg_host):
-            return None
+    def scaled_grad(self, x: Tensor, t: Tensor, w: Tensor) -> Tensor:
+        """s_cg(t)·∇_{x_t} log p(y | x_t); the classifier is fed the ORIGINAL training indices t."""
         assert self.classifier is not None
-        self.classifier_grads += 1
-        # The classifier is fed the ORIGINAL training index t, also under respaced sampling.
-        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-        g = classifier_grad(self.classifier, x, t_batch, self.labels)
+        g = classifier_grad(self.classifier, x, t, self.labels)
         return (self.cg_scale * w).view(-1, 1, 1, 1) * g
+
+    def eps(self, x: Tensor, t: int) -> Tensor:
+        """The CFG-combined ε at training index t, counted (for direct use; samplers use guided_eps)."""
+        mode = self.mode(t)
+        self.nfe += 2 if mode.branches == "both" else 1
+        return self.guided_eps(x, self._t_batch(x, t), self._w(x, t), mode)
+
+    def grad(self, x: Tensor, t: int) -> Tensor | None:
+        """s_cg(t)·∇ log p(y | x_t) at training index t, or None when no sample is classifier-guided there."""
+        if not self.mode(t).classifier:
+            return None
+        self.classifier_grads += 1
+        return self.scaled_grad(x, self._t_batch(x, t), self._w(x, t))
+
+    @staticmethod
+    def _t_batch(x: Tensor, t: int) -> Tensor:
+        return torch.full((len(x),), t, device=x.device, dtype=torch.long)
+
+    def _w(self, x: Tensor, t: int) -> Tensor:
+        return torch.tensor(self.weight(t), device=x.device)
 
 
 def _per_sample(value: float | Sequence[float] | Tensor, n: int, name: str) -> list[float]:

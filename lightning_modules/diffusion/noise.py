@@ -39,10 +39,15 @@ def sample_keys(seed: int, indices: Tensor) -> Tensor:
     return _mix32(indices.to(torch.int64) ^ seed_key.to(indices.device))
 
 
-def keyed_normal(keys: Tensor, stream: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise of shape (len(keys), *shape); row i depends only on (keys[i], stream)."""
+def keyed_normal(keys: Tensor, stream: int | Tensor, shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise of shape (len(keys), *shape); row i depends only on (keys[i], stream).
+
+    `stream` may be a 0-d integer tensor, so a compiled sampler step does not specialise on it.
+    """
     n = math.prod(shape)
-    stream_key = _mix32(torch.tensor((stream * _GOLDEN) & _M32, dtype=torch.int64, device=keys.device))
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=keys.device)
+    stream_key = _mix32((stream * _GOLDEN) & _M32)  # stream < 2^31: the product fits in int64
     base = _mix32(keys.view(-1, 1) ^ stream_key)
     counter = torch.arange(n, device=keys.device, dtype=torch.int64).view(1, -1)
     bits1 = _mix32(base + _mul32(2 * counter, _GOLDEN))

@@ -1,0 +1,82 @@
+"""The compiled sampler step: same samples as eager, and a handful of graphs for a whole sweep.
+
+Most tests use the "aot_eager" backend (traces and partitions like inductor, generates no code) so they
+run in seconds on CPU; one slow test compiles with inductor for real.
+"""
+
+import pytest
+import torch
+
+from lightning_modules.diffusion import GuidedDenoiser, NoiseSchedule, sample, sample_keys
+from lightning_modules.diffusion.samplers import compiled_step
+from lightning_modules.networks import EncoderClassifier, UNet
+
+NUM_CLASSES, SIZE, N = 10, 8, 12
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    net = UNet(SIZE, 1, NUM_CLASSES, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(4,)).eval()
+    clf = EncoderClassifier(SIZE, 1, NUM_CLASSES, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                            attention_resolutions=(4,), pool="attention").eval().requires_grad_(False)
+    return net, clf
+
+
+def _draw(nets, sampler="ddim", eta=0.0, compile=None, backend="aot_eager", offset=0, **guidance):
+    net, clf = nets
+    idx = torch.arange(offset, offset + N)
+    den = GuidedDenoiser(net, NoiseSchedule("cosine", 1000), idx % NUM_CLASSES, NUM_CLASSES, classifier=clf,
+                         **guidance)
+    x = sample(den, (1, SIZE, SIZE), sample_keys(0, idx), 8, sampler, eta, compile=compile,
+               compile_backend=backend)
+    return x, den
+
+
+MIXED = {"cfg_scale": [0.0, 1.0, 2.5] * 4, "cg_scale": [0.0, 1.0, 3.0] * 4}
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_compiled_step_gives_the_eager_samples_and_costs(nets, sampler, eta):
+    ref, den_ref = _draw(nets, sampler, eta, **MIXED)
+    out, den = _draw(nets, sampler, eta, compile="default", backend=CountingBackend(), **MIXED)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (den.nfe, den.classifier_grads) == (den_ref.nfe, den_ref.classifier_grads) == (16, 8)
+
+
+def test_whole_sweep_compiles_once_per_step_kind(nets):
+    """One graph serves every timestep, noise stream and later batch (new labels, keys and scales);
+    the classifier's forward and backward are inside it (no graph break)."""
+    backend = CountingBackend()
+    _draw(nets, "ddpm", compile="default", backend=backend, **MIXED)
+    assert backend.graphs == 1
+    _draw(nets, "ddpm", compile="default", backend=backend, offset=N,
+          cfg_scale=[1.5] * N, cg_scale=[0.5, 2.0] * (N // 2))
+    assert backend.graphs == 1
+    # A guidance interval switches guidance off for part of the chain: one more graph, not one per step.
+    _draw(nets, "ddpm", compile="default", backend=backend, interval=(0, 500), **MIXED)
+    assert backend.graphs == 2
+
+
+def test_unknown_compile_mode_is_refused(nets):
+    with pytest.raises(ValueError, match="compile mode"):
+        compiled_step("ddim", "fastest")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_sampling_matches_eager(nets):
+    ref, _ = _draw(nets, "ddim", **MIXED)
+    out, _ = _draw(nets, "ddim", compile="default", backend="inductor", **MIXED)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
