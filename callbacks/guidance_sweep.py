@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torchvision.utils import make_grid, save_image
 
-from lightning_modules.diffusion import METHODS, gamma, method_scales, sample_keys
+from lightning_modules.diffusion import METHODS, gamma, guidance_cost, method_scales, sample_keys
 from lightning_modules.diffusion.samplers import COMPILE_MODES
 
 from . import sweep_setup as setup_
@@ -139,7 +139,7 @@ class GuidanceSweep(Callback):
                 self.extractor = setup_.build_extractor(self.extractor_kind, dm, self.cache_dir,
                                                         self.inception_weights, device)
                 self.ref_feats, self.ref_stats = setup_.build_reference(dm, self.extractor, self.cache_dir,
-                                                                        self.reference_split)
+                                                                        self.reference_split, device)
             trainer.strategy.barrier("guidance-sweep-prepare")
         self._prepared = True
 
@@ -195,7 +195,7 @@ class GuidanceSweep(Callback):
         grid = torch.zeros(len(scales) * g, *shape, device=device)
         pairs = [method_scales(method, s, self.combo_cg_scale) for s in scales]
         autocast = torch.bfloat16 if self._bf16(trainer) else None
-        start, nfe, grads = time.perf_counter(), 0.0, 0.0
+        start = time.perf_counter()
         chunks = items.split(self.batch_size)
         for i, chunk in enumerate(chunks):
             sample_idx, scale_idx = chunk % n, chunk // n
@@ -205,7 +205,6 @@ class GuidanceSweep(Callback):
                 cg_scale=[pairs[j][1] for j in scale_idx.tolist()], classifier=self.classifier,
                 clip_x0=self.clip_x0, autocast_dtype=autocast, progress=self.progress and trainer.is_global_zero,
                 compile=self.compile, **self.guidance_options)
-            nfe, grads = out.nfe_per_sample, out.classifier_grads_per_sample
             f, lg = self.extractor.extract(out.images)
             feats[chunk.to(device)], logits[chunk.to(device)] = f.to(device), lg.to(device)
             in_grid = sample_idx < g
@@ -220,8 +219,12 @@ class GuidanceSweep(Callback):
         rows = []
         for j, scale in enumerate(scales):
             part = slice(j * n, (j + 1) * n)
-            metrics = setup_.cell_metrics_for(self.ref_feats, self.ref_stats, feats[part].cpu(),
-                                              logits[part].cpu(), labels, self.extractor_kind)
+            # Metrics on the sampling device (float64 matrix work: milliseconds per cell on a GPU).
+            metrics = setup_.cell_metrics_for(self.ref_feats, self.ref_stats, feats[part], logits[part], labels,
+                                              self.extractor_kind)
+            # The cost a cell needs by itself (a mixed chunk may have evaluated more for it).
+            nfe, grads = guidance_cost(module.schedule, self.steps, *pairs[j], self.guidance_options["interval"],
+                                       self.guidance_options["scale_schedule"])
             rows.append({"method": method, "scale": scale, "gamma": gamma(method, scale, self.combo_cg_scale),
                          "seed": seed, "num_samples": n, "steps": self.steps, "sampler": self.sampler,
                          "nfe_per_sample": nfe, "classifier_grads_per_sample": grads, **metrics,

@@ -16,6 +16,7 @@ from lightning_modules.evaluation import (
     load_or_train_evaluator,
     reference_features,
 )
+from lightning_modules.evaluation.metrics import reference_moments
 
 GREY_DATASETS = ("digits", "mnist", "fashion_mnist")
 COMPAT_KEYS = ("num_classes", "image_size", "channels", "schedule", "timesteps")
@@ -70,11 +71,13 @@ def build_extractor(kind: str, datamodule, cache_dir: Path, inception_weights: s
                                    datamodule.dataset_id, device=device)
 
 
-def build_reference(datamodule, extractor, cache_dir: Path, split: str) -> tuple[Tensor, tuple]:
-    """Real-data features (cached on disk by dataset, split and extractor) and their (μ, Σ)."""
+def build_reference(datamodule, extractor, cache_dir: Path, split: str,
+                    device: torch.device) -> tuple[Tensor, tuple]:
+    """Real-data features (cached on disk by dataset, split and extractor) and their (μ, Σ, Σ^½), on
+    `device`, where every cell's metrics are then computed."""
     key = f"{datamodule.dataset_id}-{split}"
     feats = reference_features(datamodule.eval_dataloader(split), extractor, cache_dir, key)
-    return feats, feature_statistics(feats)
+    return feats.to(device), reference_moments(*feature_statistics(feats), device=device)
 
 
 def cell_metrics_for(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor,

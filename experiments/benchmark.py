@@ -1,15 +1,37 @@
-"""Throughput of the project's UNet at the DDPM-CIFAR size, against diffusers' UNet2DModel of the same size.
+"""Throughput of the project's UNet at the DDPM-CIFAR size, against diffusers' UNet2DModel of the same size,
+and the wall time of the issue-5 guidance sweep.
 
-    python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, a sweep
-    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (a minute or so)
+    python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, full sweep
+    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (2-3 minutes on 2 cores)
     python -m experiments.benchmark --compile both --out bench.jsonl
+    python -m experiments.benchmark --compile off --no-peer --inception-weights /path/to/weights-inception-*.pth
+    python -m experiments.benchmark --no-sweep --sample-batch 256   # networks and the step timing only
+    python -m experiments.benchmark --no-throughput --no-sample-step --sweep-samples 2500   # the sweep alone
 
 Prints one JSON line per measurement on stdout (diagnostics go to stderr):
   {"bench": "env", ...}                                   device, versions, peak FLOP/s used for MFU
   {"bench": "train"|"sample", "impl": "ours"|"peer", ...} images/s, ms per iteration, FLOPs per image, MFU
   {"bench": "ratio", ...}                                 ours/peer images/s for the same bench and compile mode
-  {"bench": "sweep", ...}                                 wall time of a guidance sweep (ours only)
+  {"bench": "sample_step", "compile": ..., ...}           one guided DDIM step at the sample batch, CFG (one
+      batched 2B forward + combination + update): ms_per_step, images_per_s (images advanced one step per s),
+      speedup_vs_eager; compile none / "default" / "reduce-overhead" (CUDA graphs) on CUDA, only eager on CPU
+      unless --sweep-compile names a mode
+  {"bench": "sweep", ...}                                 the issue-5 sweep (ours only), see below
   {"peer": "skipped", "reason": ...}                      when diffusers is missing or --no-peer
+
+The sweep (target: <= 10 minutes on one H100): methods cfg and cg_cond x 8 scales (SWEEP_SCALES) x 10k samples
+per cell, 50 DDIM steps; all scales of a method in one batched pass (per-sample scale vectors) split into chunks
+of --sweep-batch images, one sample() call per chunk, the sampler step compiled with --sweep-compile (auto:
+CUDA graphs on CUDA), metrics included: float32 Inception-v3 features of every chunk, then `cell_metrics`
+(FID, KID, IS, precision/recall) per cell against keyed-noise reference images. Without Inception weights
+(--inception-weights, or torch-fidelity's cache) a randomly initialised Inception of the same architecture
+is timed ("inception_weights": "random (timing only)"; its metric values mean nothing). Its line: seconds =
+timed wall (sampling + features + metrics), warmup_seconds = the untimed compile/warm-up before it (2 steps of
+one chunk per chunk size and step mode), sampling_seconds, metrics_seconds (features + cell metrics), cost per
+method (network evaluations and classifier passes per sample, averaged over chunks: a chunk holding only
+s_cfg = 0 or only s_cfg = 1 runs one branch, one holding only s_cg = 0 no classifier), network_evaluations
+and classifier_passes (summed over images), MFU of the sampling loop (UNet forwards + classifier
+forward/backward FLOPs over sampling_seconds; CUDA only) and the metrics of every cell.
 
 Both networks run the identical step (same inputs, MSE to the noise, AdamW, fused on CUDA) under the same
 autocast, so the ratio isolates the network implementation. FLOPs come from torch.utils.flop_counter
@@ -23,17 +45,27 @@ import argparse
 import gc
 import importlib.metadata
 import json
+import math
 import platform
-import statistics
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_modules.diffusion import GuidedDenoiser, NoiseSchedule, method_scales, sample, sample_keys
+from experiments.bench_sweep import (
+    SMALL_SWEEP_SCALES,
+    SWEEP_COMPILE,
+    SWEEP_SCALES,
+    SweepModels,
+    autocast,
+    count_flops,
+    median_seconds,
+    run_sweep,
+    step_timings,
+)
+from lightning_modules.diffusion import NoiseSchedule
 from lightning_modules.networks import EncoderClassifier, UNet
 
 NUM_CLASSES = 10  # CIFAR-10; the embedding tables hold one more row, the null label
@@ -91,25 +123,6 @@ def call_peer(net: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
     return net(x, t, class_labels=y).sample
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(step: Step, iters: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of `step` after `warmup` untimed calls (compilation, cuDNN autotuning, allocator)."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        synchronize(device)  # kernels are asynchronous: time until they finish, not until they are queued
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def fake_batch(n: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x_t, t, y (10% null labels, as CFG training sees them) and the noise target; identical for both nets."""
     gen = torch.Generator().manual_seed(seed)
@@ -119,16 +132,6 @@ def fake_batch(n: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Ten
     y = torch.where(torch.rand(n, generator=gen) < 0.1, torch.full_like(y, NUM_CLASSES), y)
     noise = torch.randn(x.shape, generator=gen)
     return x.to(device), t.to(device), y.to(device), noise.to(device)
-
-
-def autocast(device: torch.device, dtype: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def flops_per_image(net: nn.Module, call, device: torch.device, train: bool) -> float:
@@ -202,48 +205,6 @@ def measure(impl: str, build, call, args, device: torch.device, compile_: bool, 
     return records
 
 
-def sweep_wall_time(args, device: torch.device) -> dict:
-    """One guidance sweep the way the sweep callback runs it: per method, every scale in one batched pass
-    (per-sample scale vectors), paired noise, DDIM; CG with a randomly initialised noisy classifier (this
-    measures speed, not quality)."""
-    torch.manual_seed(0)
-    net = build_ours(args.base_channels, dropout=0.0).to(device).eval()
-    width, mult = (32, (1, 2, 2)) if args.small else (args.base_channels, CHANNEL_MULT)
-    classifier = EncoderClassifier(IMAGE_SIZE, CHANNELS, NUM_CLASSES, base_channels=width, channel_mult=mult,
-                                   num_res_blocks=1 if args.small else 2, attention_resolutions=(16,),
-                                   pool="attention").to(device).eval().requires_grad_(False)
-    schedule = NoiseSchedule("linear", 1000)
-    n, scales = args.sweep_samples, args.sweep_scales
-    idx = torch.arange(n * len(scales))
-    sample_idx, scale_idx = idx % n, (idx // n).tolist()
-    labels, keys = (sample_idx % NUM_CLASSES).to(device), sample_keys(0, sample_idx).to(device)
-
-    def run(method: str, steps: int) -> GuidedDenoiser:
-        pairs = [method_scales(method, s) for s in scales]
-        den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=[pairs[j][0] for j in scale_idx],
-                             cg_scale=[pairs[j][1] for j in scale_idx], classifier=classifier)
-        with autocast(device, args.dtype):
-            sample(den, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE), keys, steps, "ddim")
-        synchronize(device)
-        return den
-
-    for method in args.sweep_methods:  # one untimed step per method: kernel selection and caches per shape
-        run(method, 1)
-    per_method, cost = {}, {}
-    start = time.perf_counter()
-    for method in args.sweep_methods:
-        t0 = time.perf_counter()
-        den = run(method, args.sweep_steps)
-        per_method[method] = round(time.perf_counter() - t0, 3)
-        cost[method] = {"nfe_per_sample": den.nfe, "classifier_grads_per_sample": den.classifier_grads}
-    seconds = time.perf_counter() - start
-    images = n * len(scales) * len(args.sweep_methods)
-    return {"bench": "sweep", "impl": "ours", "dtype": args.dtype, "methods": list(args.sweep_methods),
-            "scales": list(scales), "samples_per_cell": n, "cells": len(scales) * len(args.sweep_methods),
-            "sampler": "ddim", "steps": args.sweep_steps, "images": images, "seconds": round(seconds, 3),
-            "images_per_s": round(images / seconds, 3), "seconds_per_method": per_method, "cost": cost}
-
-
 def ratios(records: list[dict]) -> list[dict]:
     """ours/peer images/s for every (bench, compile mode) measured on both sides."""
     speed = {(r["impl"], r["bench"], r["compile"]): r["images_per_s"] for r in records if "images_per_s" in r}
@@ -263,6 +224,38 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
+def sweep_models(args) -> SweepModels:
+    """Our UNet (no dropout) and a randomly initialised noisy classifier: speed, not quality."""
+    torch.manual_seed(0)
+    device = args.device
+    net = build_ours(args.base_channels, dropout=0.0).to(device).eval()
+    width, mult = (32, (1, 2, 2)) if args.small else (args.base_channels, CHANNEL_MULT)
+    classifier = EncoderClassifier(IMAGE_SIZE, CHANNELS, NUM_CLASSES, base_channels=width, channel_mult=mult,
+                                   num_res_blocks=1 if args.small else 2, attention_resolutions=(16,),
+                                   pool="attention").to(device).eval().requires_grad_(False)
+    return SweepModels(net, classifier, NoiseSchedule("linear", 1000), NUM_CLASSES, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(map(math.isfinite, values)):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, e.g. 1,3, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
@@ -273,14 +266,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (CPU bf16 is often slower)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure diffusers' UNet2DModel (the `bench` extra)")
-    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="time a guidance sweep")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (median reported)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="timed iterations (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (+2 when compiled)")
-    p.add_argument("--train-batch", type=int, default=None, help="default 128 (8 with --small)")
-    p.add_argument("--sample-batch", type=int, default=None, help="default 512 (16 with --small)")
-    p.add_argument("--base-channels", type=int, default=128, help="network width; 128 = DDPM-CIFAR (~38M)")
+    p.add_argument("--train-batch", type=_positive_int, default=None, help="default 128 (8 with --small)")
+    p.add_argument("--sample-batch", type=_positive_int, default=None, help="default 512 (16 with --small)")
+    p.add_argument("--base-channels", type=_positive_int, default=128, help="network width; 128 = DDPM-CIFAR (~38M)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    p.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure training and sampling throughput of the networks (the train/sample lines)")
+    p.add_argument("--sample-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="time one guided DDIM step (CFG) eager vs compiled at the sample batch")
+    p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the guidance sweep, metrics included")
+    p.add_argument("--sweep-samples", type=_positive_int, default=None,
+                   help="samples per cell; default 10000 (4 with --small)")
+    p.add_argument("--sweep-steps", type=_positive_int, default=None, help="DDIM steps; default 50 (3 with --small)")
+    p.add_argument("--sweep-batch", type=_positive_int, default=None,
+                   help="images per sampling call (chunk); default 2048 (8 with --small)")
+    p.add_argument("--sweep-scales", type=_scales, default=None,
+                   help="comma-separated scales for every method instead of the per-method grids")
+    p.add_argument("--sweep-compile", choices=SWEEP_COMPILE, default="auto",
+                   help="torch.compile mode of the sampler step; auto = reduce-overhead (CUDA graphs) on CUDA, "
+                        "none elsewhere")
+    p.add_argument("--inception-weights", default=None,
+                   help="local Inception-v3 weights; default torch-fidelity's cache, else a random-init network "
+                        "(timing only)")
     args = p.parse_args(argv)
+    if args.inception_weights is not None and not Path(args.inception_weights).expanduser().is_file():
+        p.error(f"--inception-weights: no such file {args.inception_weights!r}")
     args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
                                else args.device)
     cuda = args.device.type == "cuda"
@@ -291,11 +304,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
     args.train_batch = args.train_batch or (8 if small else 128)
     args.sample_batch = args.sample_batch or (16 if small else 512)
-    # The sweep: methods x scales x samples per cell, DDIM steps.
-    args.sweep_methods = ("cfg", "cg_cond") if small else ("cfg", "cg_cond", "cg_uncond")
-    args.sweep_scales = (1.0, 3.0) if small else (0.0, 1.0, 2.0, 4.0)
-    args.sweep_samples = 4 if small else 500
-    args.sweep_steps = 3 if small else 50
+    # The sweep: methods x scales x samples per cell, DDIM steps, in chunks of sweep_batch images.
+    args.sweep_methods = ("cfg", "cg_cond")
+    grid = SMALL_SWEEP_SCALES if small else SWEEP_SCALES
+    args.sweep_scales = {m: args.sweep_scales or grid[m] for m in args.sweep_methods}
+    args.sweep_samples = args.sweep_samples or (4 if small else 10_000)
+    args.sweep_steps = args.sweep_steps or (3 if small else 50)
+    args.sweep_batch = args.sweep_batch or (8 if small else 2048)
+    mode = ("reduce-overhead" if cuda else "none") if args.sweep_compile == "auto" else args.sweep_compile
+    args.sweep_compile = None if mode == "none" else mode
+    # The step timing: eager, then default and reduce-overhead on CUDA; on CPU (inductor compiles of the UNet
+    # take minutes) only a mode --sweep-compile asks for.
+    extra = ["default", "reduce-overhead"] if cuda else []
+    args.step_modes = [None, *dict.fromkeys([*extra, *([args.sweep_compile] if args.sweep_compile else [])])]
+    args.step_steps = 3 if small else 10
     return args
 
 
@@ -324,16 +346,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             impls.append(("peer", build_peer, call_peer))
         except ImportError:
             peer_note = {"peer": "skipped", "reason": PEER_HINT}
+    peak = peak_flops(device, args.dtype)
     env = {"bench": "env", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "python": platform.python_version(), "dtype": args.dtype,
            "compile": args.compile, "small": args.small, "iters": args.iters, "warmup": args.warmup,
-           "peak_tflops": None if peak_flops(device, args.dtype) is None else peak_flops(device, args.dtype) / 1e12,
-           "diffusers": _installed_version("diffusers")}
+           "peak_tflops": None if peak is None else peak / 1e12, "diffusers": _installed_version("diffusers")}
     emit(env)
     if peer_note:
         emit(peer_note)
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile] if args.throughput else []
     flops: dict = {}
     try:
         for compile_ in modes:
@@ -344,10 +366,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for record in ratios(records):
             records.append(record)
             emit(record)
-        if args.sweep:
-            record = sweep_wall_time(args, device)
-            records.append(record)
-            emit(record)
+        if args.sample_step or args.sweep:
+            models = sweep_models(args)
+            if ("ours", "sample") not in flops:
+                flops["ours", "sample"] = flops_per_image(models.net, call_ours, device, train=False)
+            later = []
+            if args.sample_step:
+                later.append(lambda: step_timings(models, args, flops["ours", "sample"], peak))
+            if args.sweep:
+                later.append(lambda: [run_sweep(models, args, flops["ours", "sample"], peak)])
+            for part in later:
+                for record in part():
+                    records.append(record)
+                    emit(record)
+                if args.sweep_compile or len(args.step_modes) > 1:
+                    torch._dynamo.reset()  # free compiled graphs and CUDA graph pools between parts
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     finally:
         if out_file is not None:
             out_file.close()

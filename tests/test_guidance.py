@@ -181,3 +181,16 @@ def test_classifier_guidance_without_classifier_is_a_clear_error(setup):
     schedule, labels, _ = setup
     with pytest.raises(ValueError, match="classifier"):
         GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cg_scale=1.0)
+
+
+def test_cell_cost_counts_what_a_cell_needs_by_itself():
+    from lightning_modules.diffusion import guidance_cost
+
+    schedule = NoiseSchedule("cosine", 1000)
+    assert guidance_cost(schedule, 10, *method_scales("cfg", 0.0)) == (10, 0)  # unconditional: one branch
+    assert guidance_cost(schedule, 10, *method_scales("cfg", 1.0)) == (10, 0)  # conditional: one branch
+    assert guidance_cost(schedule, 10, *method_scales("cfg", 2.0)) == (20, 0)
+    assert guidance_cost(schedule, 10, *method_scales("cg_cond", 0.0)) == (10, 0)
+    assert guidance_cost(schedule, 10, *method_scales("cg_uncond", 3.0)) == (10, 10)
+    # Respaced steps 999, 888, ..., 0: four of them (333, 222, 111, 0) fall inside a [0, 400] interval.
+    assert guidance_cost(schedule, 10, *method_scales("cfg+cg", 2.0, 1.0), interval=(0, 400)) == (14, 4)

@@ -87,6 +87,27 @@ def test_kid_same_vs_shifted_and_deterministic():
     assert math.isfinite(kid_from_features(real[:50], same[:80], subset_size=1000, subsets=5)[0])
 
 
+def test_fid_and_kid_equal_torch_fidelity_numpy_reference():
+    """Our torch FID (symmetric Σ_r^½ Σ_f Σ_r^½ route, cached root) and batched KID give torch-fidelity's
+    numbers: same definition, same subset draws."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    from lightning_modules.evaluation.metrics import reference_moments
+
+    real = gaussian(600, 48, seed=0)
+    fake = gaussian(500, 48, seed=4, shift=0.3) @ (torch.eye(48, dtype=torch.float64) * 1.3)
+    stats_r, stats_f = fid_features_to_statistics(real), fid_features_to_statistics(fake)
+    expected = fid_statistics_to_metric(stats_r, stats_f, verbose=False)["frechet_inception_distance"]
+    assert fid_from_features(real, fake) == pytest.approx(expected, rel=1e-9)
+    moments = reference_moments(stats_r["mu"], stats_r["sigma"])
+    assert fid_from_stats(*moments[:2], fake, sqrt_sigma_r=moments[2]) == pytest.approx(expected, rel=1e-9)
+    ref = kid_features_to_metric(real, fake, kid_subsets=7, kid_subset_size=300, rng_seed=3, verbose=False)
+    mean, std = kid_from_features(real, fake, subset_size=300, subsets=7, seed=3, subsets_per_batch=3)
+    assert mean == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-10)
+    assert std == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-8)
+
+
 # ---------------------------------------------------------------------------------- precision/recall
 def test_precision_recall_identical_collapsed_far():
     real = gaussian(500, 16, seed=0).float()

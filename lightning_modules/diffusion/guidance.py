@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, respaced_timesteps
 
 METHODS = ("none", "cfg", "cg_cond", "cg_uncond", "cfg+cg")
 SCALE_SCHEDULES = ("constant", "linear", "cosine")
@@ -192,6 +192,21 @@ class GuidedDenoiser:
 
     def _w(self, x: Tensor, t: int) -> Tensor:
         return torch.tensor(self.weight(t), device=x.device)
+
+
+def guidance_cost(schedule: NoiseSchedule, steps: int, cfg_scale: float, cg_scale: float,
+                  interval: tuple[int, int] | None = None, scale_schedule: str = "constant") -> tuple[float, float]:
+    """(network evaluations, classifier passes) per sample of one cell sampled on its own.
+
+    A batched sweep pass may evaluate both CFG branches for a sample at s = 0 or 1 when its chunk also
+    holds other scales; the cost a cell is reported with is what it needs by itself.
+    """
+    den = GuidedDenoiser(lambda x, t, y: x, schedule, torch.zeros(1, dtype=torch.long), 0, cfg_scale=cfg_scale,
+                         cg_scale=cg_scale, classifier=nn.Identity(), interval=interval,
+                         scale_schedule=scale_schedule)
+    for t in respaced_timesteps(schedule.timesteps, steps):
+        den.count(den.mode(t))
+    return den.nfe, den.classifier_grads
 
 
 def _per_sample(value: float | Sequence[float] | Tensor, n: int, name: str) -> list[float]:

@@ -3,10 +3,11 @@
 Why not torchmetrics' stateful metrics: its KID / IS keep every feature, draw subsets from the global
 RNG inside `compute()` (DDP ranks disagree unless seeded alike) and can hang with uneven update counts,
 and it has no precision/recall. The callback gathers (features, logits) for a cell once (all ranks), and
-these pure functions compute everything from them, deterministically. The maths is torch-fidelity's
-(`fid_features_to_statistics`, `fid_statistics_to_metric`, `kid_features_to_metric`,
-`prc_features_to_metric`, `isc_features_to_metric`), so numbers match what the field reports.
-torch-fidelity is imported lazily: it pulls in torchvision, which the embedded path does not need.
+these pure functions compute everything from them, deterministically, on the features' device. FID and KID
+are torch-fidelity's definitions (and subset draws) written as float64 torch matrix work, tested equal to
+its numpy `fid_statistics_to_metric` / `kid_features_to_metric`; precision/recall and the score call
+torch-fidelity's `prc_features_to_metric` / `isc_features_to_metric`, so numbers match what the field
+reports. torch-fidelity is imported lazily: it pulls in torchvision, which the embedded path does not need.
 """
 
 from __future__ import annotations
@@ -31,70 +32,106 @@ ArrayLike = Tensor | np.ndarray
 CELL_METRIC_KEYS = ("fid", "kid", "kid_std", "score", "precision", "recall", "accuracy")
 
 
-def _f64(x: ArrayLike) -> Tensor:
-    # torch-fidelity's FID maths runs in numpy on whatever dtype it is given: float64 statistics keep the
-    # Frechet distance accurate (float32 was off by 0.5% at d=512).
+def _f64(x: ArrayLike, device: torch.device | None = None) -> Tensor:
+    # float64 statistics keep the Frechet distance accurate (float32 was off by 0.5% at d=512). Features
+    # stay on their device: on a GPU every metric below is a few milliseconds of matrix work.
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
-    x = x.detach().to("cpu", torch.float64)
+    return x.detach().to(device or x.device, torch.float64)
+
+
+def _features(x: ArrayLike, device: torch.device | None = None) -> Tensor:
+    x = _f64(x, device)
     if x.dim() != 2:
         raise ValueError(f"expected (N, d) features, got shape {tuple(x.shape)}")
     return x
 
 
-def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of (N, d) features, float64 (torch-fidelity's `fid_features_to_statistics`)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
-    f = _f64(features)
-    if len(f) < 2:
+def _moments(features: Tensor) -> tuple[Tensor, Tensor]:
+    if len(features) < 2:
         raise ValueError("FID statistics need at least 2 samples")
-    stats = fid_features_to_statistics(f)
-    return stats["mu"], stats["sigma"]
+    return features.mean(0), torch.cov(features.T)  # unbiased (N-1), like np.cov and torch-fidelity
 
 
-def fid_from_stats(mu_r: ArrayLike, sigma_r: ArrayLike, fake_features: ArrayLike) -> float:
-    """FID of fake features against cached reference statistics (mu_r, sigma_r).
+def feature_statistics(features: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of (N, d) features as float64 numpy arrays (torch-fidelity's `fid_features_to_statistics`)."""
+    mu, sigma = _moments(_features(features))
+    return mu.cpu().numpy(), sigma.cpu().numpy()
 
-    torch-fidelity's `fid_statistics_to_metric` takes the trace term from the eigenvalues of
-    sigma_1 @ sigma_2 (a product of two PSD matrices has real non-negative eigenvalues; `eigvalsh` of it
-    would be wrong as the product is not symmetric).
+
+def sqrtm_psd(sigma: ArrayLike) -> Tensor:
+    """Σ^½ of a symmetric PSD matrix by its eigendecomposition (negative round-off eigenvalues → 0)."""
+    vals, vecs = torch.linalg.eigh(_f64(sigma))
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def reference_moments(mu: ArrayLike, sigma: ArrayLike, device: torch.device | str = "cpu") -> tuple:
+    """(mu, sigma, sigma^½) as float64 tensors on `device`: the reference side of every FID of a sweep,
+    with its matrix square root computed once instead of once per cell."""
+    sigma_t = _f64(sigma, torch.device(device))
+    return _f64(mu, torch.device(device)), sigma_t, sqrtm_psd(sigma_t)
+
+
+def fid_from_stats(mu_r: ArrayLike, sigma_r: ArrayLike, fake_features: ArrayLike,
+                   sqrt_sigma_r: Tensor | None = None) -> float:
+    """FID of fake features against reference statistics (mu_r, sigma_r), on the fake features' device.
+
+    Tr((Σ_r Σ_f)^½) is the sum of the square roots of the eigenvalues of Σ_r^½ Σ_f Σ_r^½, a symmetric PSD
+    matrix with the same eigenvalues as Σ_r Σ_f (DESIGN.md): `eigvalsh` applies to it, while `eigvalsh` of
+    the non-symmetric product itself would be wrong. Equal to torch-fidelity's `eigvals` route to ~1e-10.
     """
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
-    mu_f, sigma_f = feature_statistics(fake_features)
-    mu_r = np.asarray(mu_r.detach().cpu() if isinstance(mu_r, Tensor) else mu_r, dtype=np.float64)
-    sigma_r = np.asarray(sigma_r.detach().cpu() if isinstance(sigma_r, Tensor) else sigma_r, dtype=np.float64)
+    f = _features(fake_features)
+    mu_f, sigma_f = _moments(f)
+    mu_r, sigma_r = _f64(mu_r, f.device), _f64(sigma_r, f.device)
     if mu_r.shape != mu_f.shape:
-        raise ValueError(f"feature dims differ: reference {mu_r.shape}, fake {mu_f.shape}")
-    out = fid_statistics_to_metric({"mu": mu_r, "sigma": sigma_r}, {"mu": mu_f, "sigma": sigma_f}, verbose=False)
-    return float(out[KEY_METRIC_FID])
+        raise ValueError(f"feature dims differ: reference {tuple(mu_r.shape)}, fake {tuple(mu_f.shape)}")
+    root = sqrtm_psd(sigma_r) if sqrt_sigma_r is None else _f64(sqrt_sigma_r, f.device)
+    inner = root @ sigma_f @ root
+    tr_covmean = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    diff = mu_r - mu_f
+    return float(diff @ diff + sigma_r.trace() + sigma_f.trace() - 2 * tr_covmean)
 
 
 def fid_from_features(real: ArrayLike, fake: ArrayLike) -> float:
     """Frechet distance between Gaussians fitted to real and fake (N, d) features (float64)."""
-    mu_r, sigma_r = feature_statistics(real)
+    mu_r, sigma_r = _moments(_features(real))
     return fid_from_stats(mu_r, sigma_r, fake)
 
 
 def kid_from_features(
-    real: ArrayLike, fake: ArrayLike, subset_size: int = 1000, subsets: int = 100, seed: int = 0
+    real: ArrayLike, fake: ArrayLike, subset_size: int = 1000, subsets: int = 100, seed: int = 0,
+    subsets_per_batch: int = 10,
 ) -> tuple[float, float]:
-    """KID (mean, std over subsets): unbiased MMD^2, cubic polynomial kernel (torch-fidelity defaults).
+    """KID (mean, std over subsets): unbiased MMD^2 with the cubic kernel (x·y/d + 1)^3.
 
-    Subsets are drawn by torch-fidelity from `np.random.RandomState(seed)`, never the global RNG, so every
-    call (and every DDP rank) gets the same number. The subset size shrinks to min(n_real, n_fake).
+    torch-fidelity's definition and subset draws (`np.random.RandomState(seed)`, real then fake per subset,
+    never the global RNG, so every call and DDP rank agrees), computed as batched float64 matmuls on the
+    features' device instead of a numpy loop: the same numbers, ~1000x faster on a GPU. The subset size
+    shrinks to min(n_real, n_fake).
     """
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
-    r, f = _f64(real), _f64(fake)
-    size = min(int(subset_size), len(r), len(f))
-    if size < 2:
+    r = _features(real)
+    f = _features(fake, r.device)
+    m = min(int(subset_size), len(r), len(f))
+    if m < 2:
         raise ValueError("KID needs at least 2 real and 2 fake samples")
-    out = kid_features_to_metric(
-        r, f, kid_subsets=int(subsets), kid_subset_size=size, rng_seed=int(seed), verbose=False
-    )
-    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
+    rng = np.random.RandomState(int(seed))
+    draws = [(rng.choice(len(r), m, replace=False), rng.choice(len(f), m, replace=False)) for _ in range(subsets)]
+    idx_r = torch.as_tensor(np.stack([a for a, _ in draws]), device=r.device)
+    idx_f = torch.as_tensor(np.stack([b for _, b in draws]), device=r.device)
+    d = r.shape[1]
+
+    def kernel_sum(x: Tensor, y: Tensor, off_diagonal: bool) -> Tensor:
+        k = (x @ y.transpose(1, 2) / d + 1) ** 3
+        total = k.sum((1, 2))
+        return total - k.diagonal(dim1=1, dim2=2).sum(-1) if off_diagonal else total
+
+    mmds = []
+    for ir, jf in zip(idx_r.split(subsets_per_batch), idx_f.split(subsets_per_batch)):
+        x, y = r[ir], f[jf]  # (B, m, d)
+        mmds.append((kernel_sum(x, x, True) + kernel_sum(y, y, True)) / (m * (m - 1))
+                    - 2 * kernel_sum(x, y, False) / (m * m))
+    mmd = torch.cat(mmds)
+    return float(mmd.mean()), float(mmd.std(correction=0))
 
 
 def classifier_score(logits: ArrayLike) -> float:
@@ -105,7 +142,7 @@ def classifier_score(logits: ArrayLike) -> float:
     """
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
-    lg = _f64(logits)
+    lg = _features(logits, torch.device("cpu"))
     return float(isc_features_to_metric(lg, splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN])
 
 
@@ -152,12 +189,13 @@ def cell_metrics(
 ) -> dict[str, float]:
     """All metrics of one (method, scale) cell: fid, kid, kid_std, score, precision, recall, accuracy.
 
-    `ref_stats` = (mu, sigma) of the real features (e.g. cached with the reference features) saves
-    recomputing a d x d covariance per cell. `labels` = the target classes the samples were generated
+    `ref_stats` = (mu, sigma) of the real features, or `reference_moments(...)` = (mu, sigma, sigma^½),
+    saves recomputing a d x d covariance (and its square root) per cell. Everything runs on the features'
+    device. `labels` = the target classes the samples were generated
     for; None (unconditional sampling) gives accuracy = nan.
     """
     if ref_stats is not None:
-        fid = fid_from_stats(ref_stats[0], ref_stats[1], fake_features)
+        fid = fid_from_stats(*ref_stats[:2], fake_features, sqrt_sigma_r=ref_stats[2] if len(ref_stats) > 2 else None)
     else:
         fid = fid_from_features(real_features, fake_features)
     kid, kid_std = kid_from_features(real_features, fake_features, kid_subset_size, kid_subsets, seed)
