@@ -56,6 +56,30 @@ SAMPLE_SEED, REFERENCE_SEED, CALIBRATION_SEED = 0, 1, 2
 DYNAMO_LIMITS = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
 
 
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets. More specific names first:
+# "H100 PCIe" must not match the SXM entry. fp32 runs use TF32 (cuDNN convolutions do by default; matmuls
+# are switched to it below), so their peak is the TF32 one.
+PEAK_TFLOPS = [
+    ("H200", {"bf16": 989.0, "fp32": 494.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp32": 418.0}),
+    ("H100", {"bf16": 989.0, "fp32": 494.0}),
+    ("A100", {"bf16": 312.0, "fp32": 156.0}),
+    ("L40S", {"bf16": 362.0, "fp32": 183.0}),
+]
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The device's dense peak in FLOP/s for `dtype`, or None where unknown (CPU, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks[dtype] * 1e12
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -62,39 +62,19 @@ from experiments.bench_sweep import (
     autocast,
     count_flops,
     median_seconds,
+    peak_flops,
     run_sweep,
     step_timings,
 )
 from lightning_modules.diffusion import NoiseSchedule
+from lightning_modules.diffusion.samplers import COMPILE_MODES
 from lightning_modules.networks import EncoderClassifier, UNet
 
 NUM_CLASSES = 10  # CIFAR-10; the embedding tables hold one more row, the null label
 IMAGE_SIZE, CHANNELS, CHANNEL_MULT = 32, 3, (1, 2, 2, 2)
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets. More specific names first:
-# "H100 PCIe" must not match the SXM entry. fp32 runs use TF32 (cuDNN convolutions do by default; matmuls
-# are switched to it below), so their peak is the TF32 one.
-PEAK_TFLOPS = [
-    ("H200", {"bf16": 989.0, "fp32": 494.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp32": 418.0}),
-    ("H100", {"bf16": 989.0, "fp32": 494.0}),
-    ("A100", {"bf16": 312.0, "fp32": 156.0}),
-    ("L40S", {"bf16": 362.0, "fp32": 183.0}),
-]
 PEER_HINT = "diffusers not installed: pip install -e .[bench]"
 
 Step = Callable[[], object]
-
-
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The device's dense peak in FLOP/s for `dtype`, or None where unknown (CPU, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS:
-        if key in name:
-            return peaks[dtype] * 1e12
-    return None
 
 
 def build_ours(base: int, dropout: float = 0.1) -> nn.Module:
@@ -147,11 +127,17 @@ def flops_per_image(net: nn.Module, call, device: torch.device, train: bool) -> 
     return flops / 2
 
 
-def train_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str) -> Step:
+def _mark_step(device: torch.device, mode: str | None) -> None:
+    if mode is not None and "reduce-overhead" in mode and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last one's graph outputs are dead
+
+
+def train_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str, mode: str | None) -> Step:
     x, t, y, noise = fake_batch(batch, device)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step() -> None:
+        _mark_step(device, mode)
         with autocast(device, dtype):
             out = call(net, x, t, y)
         loss = F.mse_loss(out.float(), noise)
@@ -162,10 +148,11 @@ def train_step(net: nn.Module, call, batch: int, device: torch.device, dtype: st
     return step
 
 
-def sample_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str) -> Step:
+def sample_step(net: nn.Module, call, batch: int, device: torch.device, dtype: str, mode: str | None) -> Step:
     x, t, y, _ = fake_batch(batch, device)
 
     def step() -> Tensor:
+        _mark_step(device, mode)
         with torch.inference_mode(), autocast(device, dtype):
             return call(net, x, t, y)
 
@@ -181,12 +168,14 @@ def measure(impl: str, build, call, args, device: torch.device, compile_: bool, 
         key = (impl, bench)
         if key not in flops:  # counted once on the eager network; compiling does not change the maths
             flops[key] = flops_per_image(net, call, device, train=bench == "train")
-        runner = torch.compile(net) if compile_ else net
+        mode = args.compile_mode if compile_ else None
+        runner = torch.compile(net, mode=None if mode == "default" else mode) if compile_ else net
         make = train_step if bench == "train" else sample_step
-        record = {"bench": bench, "impl": impl, "compile": compile_, "dtype": args.dtype, "batch": batch,
+        record = {"bench": bench, "impl": impl, "compile": compile_, "compile_mode": mode, "dtype": args.dtype,
+                  "batch": batch,
                   "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3)}
         try:
-            seconds = median_seconds(make(runner, call, batch, device, args.dtype), args.iters,
+            seconds = median_seconds(make(runner, call, batch, device, args.dtype, mode), args.iters,
                                      args.warmup + (2 if compile_ else 0), device)
         except Exception as err:  # e.g. no C++ compiler for inductor on this machine: report, go on
             records.append({**record, "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -262,6 +251,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="CPU-friendly: small batches, few iterations, tiny sweep")
     p.add_argument("--compile", choices=("on", "off", "both", "auto"), default="auto",
                    help="torch.compile the networks; auto = both on CUDA, off elsewhere")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode for both networks when compiled (reduce-overhead = CUDA graphs)")
     p.add_argument("--dtype", choices=("bf16", "fp32", "auto"), default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 elsewhere (CPU bf16 is often slower)")
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,

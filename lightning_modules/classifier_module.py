@@ -43,7 +43,7 @@ class NoisyClassifier(L.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_steps: int = 100,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()

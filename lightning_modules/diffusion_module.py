@@ -52,7 +52,7 @@ class ConditionalDiffusion(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 500,
         ema_decay: float = 0.9999,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()

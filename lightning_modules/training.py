@@ -18,9 +18,15 @@ def maybe_channels_last(x: Tensor, enabled: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if enabled else x
 
 
-def compiled(net: nn.Module, enabled: bool) -> nn.Module:
-    """torch.compile'd view of `net` sharing its parameters (state_dict keys stay un-prefixed)."""
-    return torch.compile(net) if enabled else net
+def compiled(net: nn.Module, compile: bool | str) -> nn.Module:
+    """torch.compile'd view of `net` sharing its parameters (state_dict keys stay un-prefixed).
+
+    `compile`: False (eager), True / "default", or another torch.compile mode ("max-autotune", ...).
+    """
+    if compile is False or compile is None:
+        return net
+    mode = None if compile is True or compile == "default" else compile
+    return torch.compile(net, mode=mode)
 
 
 class EMA:

@@ -49,15 +49,20 @@ def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> T
     """∇_x log softmax(f(x, t))[y], per sample. Safe inside no-grad / inference-mode sampling loops.
 
     Summing log-probs over the batch is exact because the classifier has no cross-sample layers.
-    `torch.func.grad` (not `torch.autograd.grad`) so that torch.compile traces the classifier's forward
-    and backward into the same graph as the denoiser step instead of breaking the graph here.
+    Under torch.compile the gradient is taken with `torch.func.grad`, which Dynamo traces into the same
+    graph as the rest of the step (`torch.autograd.grad` makes it skip the frame); eagerly, plain autograd
+    is ~1.5x faster than functorch's wrappers (measured on CPU).
     """
 
     def log_prob(x_in: Tensor) -> Tensor:
         log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
         return log_probs.gather(1, y.view(-1, 1)).sum()
 
-    return torch.func.grad(log_prob)(x.detach())
+    if torch.compiler.is_compiling():
+        return torch.func.grad(log_prob)(x.detach())
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        return torch.autograd.grad(log_prob(x_in), x_in)[0]
 
 
 @dataclass(frozen=True)

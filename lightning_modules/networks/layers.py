@@ -124,9 +124,15 @@ class SelfAttention(nn.Module):
         self.proj_out = zero_module(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        qkv = rearrange(self.qkv(self.norm(x)), "b (k n d) x y -> k b n (x y) d", k=3, n=self.num_heads)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return x + self.proj_out(rearrange(out, "b n (x y) d -> b (n d) x y", x=x.shape[-2]))
+        # Tokens-last layout, so q, k, v have a unit-stride head dim: the flash / memory-efficient SDPA
+        # kernels need it and otherwise fall back to the math kernel (seen on CPU: bmm + softmax). The
+        # 1x1-conv weights are applied as a matmul on that layout: same parameters, same checkpoints.
+        tokens = rearrange(self.norm(x), "b c x y -> b (x y) c")
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)
+        q, k, v = rearrange(qkv, "b l (k n d) -> k b n l d", k=3, n=self.num_heads)
+        out = rearrange(F.scaled_dot_product_attention(q, k, v), "b n l d -> b l (n d)")
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + rearrange(out, "b (x y) c -> b c x y", x=x.shape[-2])
 
 
 class SpatialCrossAttention(nn.Module):
