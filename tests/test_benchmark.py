@@ -143,7 +143,7 @@ def test_defaults():
     assert (full.sweep_samples, full.sweep_steps, full.sweep_batch) == (10_000, 50, 2048)
     assert full.sweep_scales == bench_sweep.SWEEP_SCALES and all(len(s) == 8 for s in full.sweep_scales.values())
     cuda = benchmark.parse_args(["--device", "cuda"])  # parsing only: no GPU needed
-    assert cuda.sweep_compile == "reduce-overhead" and cuda.dtype == "bf16"
+    assert cuda.sweep_compile == "default" and cuda.dtype == "bf16"
     assert cuda.step_modes == [None, "default", "reduce-overhead"]
     asked = benchmark.parse_args(["--device", "cpu", "--small", "--sweep-compile", "default"])
     assert asked.sweep_compile == "default" and asked.step_modes == [None, "default"]

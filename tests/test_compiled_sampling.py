@@ -56,6 +56,15 @@ def test_compiled_step_gives_the_eager_samples_and_costs(nets, sampler, eta):
     assert (den.nfe, den.classifier_grads) == (den_ref.nfe, den_ref.classifier_grads) == (16, 8)
 
 
+def test_compiled_step_under_bf16_autocast(nets):
+    """The sweep runs the step inside bf16 autocast on GPUs: the compiled step follows the same casts."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = _draw(nets, "ddim", **MIXED)
+        out, _ = _draw(nets, "ddim", compile="default", backend=CountingBackend(), **MIXED)
+    assert out.dtype == torch.float32  # the sampler state stays float32; only the networks run in bf16
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_whole_sweep_compiles_once_per_step_kind(nets):
     """One graph serves every timestep, noise stream and later batch (new labels, keys and scales);
     the classifier's forward and backward are inside it (no graph break)."""

@@ -141,8 +141,10 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int
         mode = den.mode(t)
         den.count(mode)
         if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed as input
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         x = step(den, x, table[i], keys, mode, noisy, clip_x0)
-    if cuda_graphs:
-        x = x.clone()  # the graph's output buffer is reused by the next call
+        if cuda_graphs:
+            # Own the state: a graph output fed back as the next input can be overwritten by that very
+            # replay (pytorch#170604, #184102). One copy of the batch per step, negligible next to the UNet.
+            x = x.clone()
     return x.clamp(-1, 1) if clip_x0 else x
