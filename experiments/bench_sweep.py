@@ -356,3 +356,27 @@ def step_timings(models: SweepModels, args, unet_flops: float, peak: float | Non
                             "achieved_tflops": round(achieved / 1e12, 4),
                             "mfu": None if peak is None else round(achieved / peak, 4)})
     return records
+
+
+def sync_check(models: SweepModels, device: torch.device, dtype: str) -> dict:
+    """CUDA only: whole guided sample() calls (CFG and CG, mixed per-sample scales) under
+    `torch.cuda.set_sync_debug_mode("error")`, which raises on any operation that makes the host wait for
+    the device. Passing means the sampling loop queues every step without waiting."""
+    n = 16
+    idx = torch.arange(n)
+    labels, keys = (idx % models.num_classes).to(device), sample_keys(SAMPLE_SEED, idx).to(device)
+    record = {"bench": "sync_check", "impl": "ours", "dtype": dtype, "steps": 3}
+    den = GuidedDenoiser(models.net, models.schedule, labels, models.num_classes, classifier=models.classifier,
+                         cfg_scale=[(0.0, 1.0, 2.0, 3.0)[i % 4] for i in range(n)],
+                         cg_scale=[(0.0, 0.5, 1.0, 2.0)[i % 4] for i in range(n)], interval=(0, 600))
+    sample(den, models.shape, keys, 3, "ddim")  # warm-up: lazy initialisation may sync once
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with autocast(device, dtype):
+            for sampler in ("ddim", "ddpm"):
+                sample(den, models.shape, keys, 3, sampler)
+    except RuntimeError as err:
+        return {**record, "host_sync_free": False, "error": str(err)[:300]}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {**record, "host_sync_free": True}

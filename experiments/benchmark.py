@@ -17,6 +17,7 @@ Prints one JSON line per measurement on stdout (diagnostics go to stderr):
       batched 2B forward + combination + update): ms_per_step, images_per_s (images advanced one step per s),
       speedup_vs_eager; compile none / "default" / "reduce-overhead" (CUDA graphs) on CUDA, only eager on CPU
       unless --sweep-compile names a mode
+  {"bench": "sync_check", ...}                            CUDA: host_sync_free = no host-device sync in sample()
   {"bench": "sweep", ...}                                 the issue-5 sweep (ours only), see below
   {"peer": "skipped", "reason": ...}                      when diffusers is missing or --no-peer
 
@@ -66,6 +67,7 @@ from experiments.bench_sweep import (
     peak_flops,
     run_sweep,
     step_timings,
+    sync_check,
 )
 from lightning_modules.diffusion import NoiseSchedule
 from lightning_modules.diffusion.samplers import COMPILE_MODES
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             models = sweep_models(args)
             if ("ours", "sample") not in flops:
                 flops["ours", "sample"] = flops_per_image(models.net, call_ours, device, train=False)
-            later = []
+            later = [lambda: [sync_check(models, device, args.dtype)]] if device.type == "cuda" else []
             if args.sample_step:
                 later.append(lambda: step_timings(models, args, flops["ours", "sample"], peak))
             if args.sweep:

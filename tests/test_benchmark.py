@@ -131,6 +131,23 @@ def test_chunk_costs_follow_the_chunk_contents(tiny_models):
     assert (nfe, grads) == (8 * steps, 5 * steps)
 
 
+def test_sync_check_runs_both_samplers_under_the_error_mode(tiny_models, monkeypatch):
+    """The CUDA host-sync check, driven on CPU: sampling runs inside "error" mode and the mode is restored;
+    a sync (RuntimeError from the debug mode) is reported, not raised."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    record = bench_sweep.sync_check(tiny_models, torch.device("cpu"), "fp32")
+    assert record["host_sync_free"] is True and modes == ["error", "default"]
+
+    def syncing_sample(*args, **kwargs):
+        if modes[-1] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    monkeypatch.setattr(bench_sweep, "sample", syncing_sample)
+    record = bench_sweep.sync_check(tiny_models, torch.device("cpu"), "fp32")
+    assert record["host_sync_free"] is False and "synchronizing" in record["error"] and modes[-1] == "default"
+
+
 def test_defaults():
     args = benchmark.parse_args(["--device", "cpu", "--small"])
     assert (args.train_batch, args.sample_batch, args.compile, args.dtype) == (8, 16, "off", "fp32")
