@@ -63,8 +63,7 @@ def check_extractor_available(kind: str, inception_weights: str | None) -> None:
 def build_extractor(kind: str, datamodule, cache_dir: Path, inception_weights: str | None,
                     device: torch.device):
     if kind == "inception":
-        # fp32 at 299x299: batches of 256 keep a GPU busy; 64 bounds CPU memory.
-        return InceptionExtractor(inception_weights, device=device, batch_size=256 if device.type == "cuda" else 64)
+        return InceptionExtractor(inception_weights, device=device)
     x_train, y_train = datamodule.split_tensors("train")
     x_val, y_val = datamodule.split_tensors("val")
     return load_or_train_evaluator(x_train, y_train, x_val, y_val, datamodule.num_classes, cache_dir,

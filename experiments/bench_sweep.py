@@ -141,8 +141,8 @@ class SweepModels:
 
 def classifier_flops_per_image(classifier: nn.Module, shape: tuple[int, ...], device: torch.device) -> float:
     """FLOPs of one classifier-guidance pass per image: forward plus backward to the input (frozen weights),
-    the work of `classifier_grad`. Counted with plain autograd at batch 2: FlopCounterMode's module hooks do
-    not support torch.func.grad, and the maths is the same."""
+    the work of `classifier_grad`. Counted with `.backward()` at batch 2: FlopCounterMode's module hooks
+    support neither `torch.autograd.grad` on a leaf nor `torch.func.grad`, and the maths is the same."""
     x = torch.randn(2, *shape, device=device, requires_grad=True)
     t, y = torch.tensor([10, 500], device=device), torch.tensor([0, 1], device=device)
 
@@ -153,7 +153,7 @@ def classifier_flops_per_image(classifier: nn.Module, shape: tuple[int, ...], de
     return count_flops(grad) / 2
 
 
-def random_inception(device: torch.device, batch_size: int, shape: tuple[int, ...]) -> InceptionExtractor:
+def random_inception(device: torch.device, shape: tuple[int, ...]) -> InceptionExtractor:
     """torch-fidelity's Inception-v3 with seeded random weights: the identical network and cost, for timing
     where the real weights are absent (nothing is downloaded). Its metric values mean nothing.
 
@@ -182,20 +182,19 @@ def random_inception(device: torch.device, batch_size: int, shape: tuple[int, ..
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "inception-v3-random-init.pth"
         torch.save(model.state_dict(), path)
-        return InceptionExtractor(path, device=device, batch_size=batch_size)
+        return InceptionExtractor(path, device=device)
 
 
 def build_extractor(weights: str | None, device: torch.device,
                     shape: tuple[int, ...]) -> tuple[InceptionExtractor, str]:
     """The Inception extractor and what its weights are: `weights`, else torch-fidelity's usual download
     location, else a random-init network of the same architecture (timing only)."""
-    batch_size = 256 if device.type == "cuda" else 64
     if weights is None:
         try:
             weights = str(check_inception_weights(None))
         except FileNotFoundError:
-            return random_inception(device, batch_size, shape), RANDOM_INCEPTION
-    return InceptionExtractor(weights, device=device, batch_size=batch_size), weights
+            return random_inception(device, shape), RANDOM_INCEPTION
+    return InceptionExtractor(weights, device=device), weights
 
 
 def chunk_ranges(total: int, batch: int) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ cfg+cg = (s, s2).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +77,30 @@ class StepMode:
     branches: str
     classifier: bool
 
+    @property
+    def network_evaluations(self) -> int:
+        """Per sample: the batched CFG forward of 2B counts 2."""
+        return 2 if self.branches == "both" else 1
+
+
+def guidance_weight(t: int, timesteps: int, interval: tuple[int, int] | None, scale_schedule: str) -> float:
+    """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
+    if interval is not None and not interval[0] <= t <= interval[1]:
+        return 0.0
+    progress = 1.0 - t / (timesteps - 1)  # 0 at pure noise, 1 at the data end
+    if scale_schedule == "linear":
+        return progress
+    if scale_schedule == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * progress))
+    return 1.0
+
+
+def step_mode(cfg_scales: Iterable[float], classifier_guided: bool, w: float) -> StepMode:
+    """The evaluations a step with guidance weight w needs for a batch with these CFG scales."""
+    effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in cfg_scales}
+    branches = "cond" if effective == {1.0} else "uncond" if effective == {0.0} else "both"
+    return StepMode(branches, w != 0.0 and classifier_guided)
+
 
 class GuidedDenoiser:
     """A guided ε-predictor for one batch: labels, per-sample scales and options fixed at creation.
@@ -126,25 +150,15 @@ class GuidedDenoiser:
 
     def weight(self, t: int) -> float:
         """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
-        if self.interval is not None and not self.interval[0] <= t <= self.interval[1]:
-            return 0.0
-        progress = 1.0 - t / (self.schedule.timesteps - 1)  # 0 at pure noise, 1 at the data end
-        if self.scale_schedule == "linear":
-            return progress
-        if self.scale_schedule == "cosine":
-            return 0.5 * (1.0 - math.cos(math.pi * progress))
-        return 1.0
+        return guidance_weight(t, self.schedule.timesteps, self.interval, self.scale_schedule)
 
     def mode(self, t: int) -> StepMode:
         """Which evaluations step t needs (host-side: no device sync, nothing counted)."""
-        w = self.weight(t)
-        effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in self._cfg_values}
-        branches = "cond" if effective == {1.0} else "uncond" if effective == {0.0} else "both"
-        return StepMode(branches, w != 0.0 and any(s != 0 for s in self.cg_host))
+        return step_mode(self._cfg_values, any(s != 0 for s in self.cg_host), self.weight(t))
 
     def count(self, mode: StepMode) -> None:
         """Book the cost of one step per sample (a batched CFG forward of 2B counts 2)."""
-        self.nfe += 2 if mode.branches == "both" else 1
+        self.nfe += mode.network_evaluations
         self.classifier_grads += int(mode.classifier)
 
     def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -181,7 +195,7 @@ class GuidedDenoiser:
     def eps(self, x: Tensor, t: int) -> Tensor:
         """The CFG-combined ε at training index t, counted (for direct use; samplers use guided_eps)."""
         mode = self.mode(t)
-        self.nfe += 2 if mode.branches == "both" else 1
+        self.nfe += mode.network_evaluations  # the classifier part is counted by grad()
         return self.guided_eps(x, self._t_batch(x, t), self._w(x, t), mode)
 
     def grad(self, x: Tensor, t: int) -> Tensor | None:
@@ -206,12 +220,12 @@ def guidance_cost(schedule: NoiseSchedule, steps: int, cfg_scale: float, cg_scal
     A batched sweep pass may evaluate both CFG branches for a sample at s = 0 or 1 when its chunk also
     holds other scales; the cost a cell is reported with is what it needs by itself.
     """
-    den = GuidedDenoiser(lambda x, t, y: x, schedule, torch.zeros(1, dtype=torch.long), 0, cfg_scale=cfg_scale,
-                         cg_scale=cg_scale, classifier=nn.Identity(), interval=interval,
-                         scale_schedule=scale_schedule)
+    nfe = grads = 0
     for t in respaced_timesteps(schedule.timesteps, steps):
-        den.count(den.mode(t))
-    return den.nfe, den.classifier_grads
+        mode = step_mode([cfg_scale], cg_scale != 0, guidance_weight(t, schedule.timesteps, interval, scale_schedule))
+        nfe += mode.network_evaluations
+        grads += int(mode.classifier)
+    return float(nfe), float(grads)
 
 
 def _per_sample(value: float | Sequence[float] | Tensor, n: int, name: str) -> list[float]:

@@ -95,13 +95,14 @@ class InceptionExtractor:
         self,
         weights_path: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
-        batch_size: int = 64,
+        batch_size: int | None = None,
     ):
         path = check_inception_weights(weights_path)  # raises before torch-fidelity could try a download
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = path
-        self.batch_size = batch_size
+        # fp32 at 299x299: batches of 256 keep a GPU busy; 64 bounds CPU memory.
+        self.batch_size = batch_size or (256 if torch.device(device).type == "cuda" else 64)
         self.model = FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
