@@ -5,8 +5,11 @@ Images come out as float32 (C, H, W) in [-1, 1], labels as int64. Nothing is dow
 """
 
 import hashlib
+import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import lightning.pytorch as L
 import torch
@@ -14,7 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import DeviceBatches, ImageFileDataset, TensorImageDataset, collate_batch
+from datamodules.datasets import (DeviceBatches, EpochSampler, ImageFileDataset, ResumableLoader,
+                                  TensorImageDataset, collate_batch)
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
 # name -> (num_classes, native image size, channels): constants, so the CLI can link them before setup().
@@ -53,11 +57,69 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
+def _stat_fingerprint(base: Path, paths: Iterable[Path], salt: str = "") -> str:
+    """12 hex of a hash over each file's (path relative to `base`, size, mtime_ns): one stat per file, no read.
+
+    Part of `dataset_id`, which keys the reference-feature and evaluator caches: changed, added or removed
+    files give another id, so those caches are never served for other data under the same name.
+    """
+    h = hashlib.sha256(salt.encode())
+    for rel, path in sorted((p.relative_to(base).as_posix(), p) for p in paths):
+        try:
+            st = path.stat()  # follows links, as the loaders do
+            meta = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:  # absent or a dangling link: still part of the identity
+            meta = "missing"
+        h.update(f"{rel}\0{meta}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _folder_images(roots: Iterable[Path]) -> list[Path]:
+    """Image files under the class folders of `roots`: what torchvision's make_dataset loads (links followed)."""
+    found: list[Path] = []
+    for root in roots:
+        for class_dir in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for dirpath, _, names in os.walk(class_dir, followlinks=True):
+                found += [Path(dirpath) / n for n in names if n.lower().endswith(_IMG_EXTENSIONS)]
+    return found
+
+
+# Globals a CIFAR batch may name: numpy array/scalar reconstruction (numpy 1 and 2 module paths), builtin
+# containers (Python 2 names too: find_class sees them before pickle's own renaming) and _codecs.encode,
+# which Python 3 uses to write bytes at protocol <= 2. Anything else (os.system, eval, ...) is refused.
+_PICKLE_ALLOWED = {
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((mod, name) for mod in ("builtins", "__builtin__") for name in ("set", "frozenset", "bytearray")),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only `_PICKLE_ALLOWED`: a crafted batch file cannot run code."""
+
+    def __init__(self, file: BinaryIO, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{self._path}: refused global {module}.{name} - a CIFAR batch holds only numpy arrays, lists "
+                "and dicts, so this file is not an official CIFAR pickle (tampered or wrong file). Fix: delete "
+                "it and re-extract the official archive (or pass --data.download=true).")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> dict:
     # The official files are Python 2 pickles: encoding="bytes" is what the CIFAR page prescribes; keys and
     # strings then come back as bytes, which we decode so Python-3-written files read the same way.
+    # Plain pickle.load would execute whatever a crafted file names: the restricted unpickler refuses it.
     with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="bytes")
+        raw = _CifarUnpickler(f, path).load()
+    if not isinstance(raw, dict):
+        raise pickle.UnpicklingError(f"{path}: expected a dict (a CIFAR batch), got {type(raw).__name__}. "
+                                     "Fix: re-extract the official archive.")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
 
 
@@ -107,7 +169,10 @@ class ImageDataModule(L.LightningDataModule):
             self._class_names = self._scan_classes(self._train_root)
             self.num_classes, self.channels = len(self._class_names), 3
             self.image_size = image_size or self._first_image_size(self._train_root)
-            tag = hashlib.sha1("\n".join(self._class_names).encode()).hexdigest()[:8]
+            # Class names and every image file's (path, size, mtime): new or edited images, same folder name,
+            # must not reuse cached reference features or evaluators.
+            roots = [self._train_root] + ([self._val_root] if self._val_root else [])
+            tag = _stat_fingerprint(self.data_dir, _folder_images(roots), salt="\n".join(self._class_names))
             split = "trainval" if self._val_root else f"seed{seed}-val{val_fraction:g}"
             self.dataset_id = f"folder-{self.data_dir.resolve().name}-{tag}-{self.image_size}px-c3-{split}"
         else:
@@ -115,6 +180,8 @@ class ImageDataModule(L.LightningDataModule):
             self.image_size = image_size or native
             split = f"seed{seed}-val{val_fraction:g}" if name == "digits" else "official"
             self.dataset_id = f"{name}-{self.image_size}px-c{self.channels}-{split}"
+            if name != "digits":  # digits ships inside scikit-learn; the others are files in data_dir, any data_dir
+                self.dataset_id += f"-{_stat_fingerprint(self.data_dir, self._data_files())}"
             if name in ("digits", "mnist"):
                 self._class_names = [str(i) for i in range(10)]
             elif name == "fashion_mnist":
@@ -139,6 +206,12 @@ class ImageDataModule(L.LightningDataModule):
             return self.data_dir / sub / "raw", list(_MNIST_FILES)
         folder, train, test, meta, _, _ = _CIFAR[self.name]
         return self.data_dir / folder, [*train, *test, meta]
+
+    def _data_files(self) -> list[Path]:
+        # The expected files plus torchvision's legacy MNIST caches (it prefers those when present).
+        directory, files = self._expected_files()
+        legacy = ("training.pt", "test.pt") if "mnist" in self.name else ()
+        return [directory / f for f in files] + [directory.parent / "processed" / f for f in legacy]
 
     def _missing_files(self) -> list[str]:
         directory, files = self._expected_files()
@@ -283,9 +356,17 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), collate_fn=collate_batch)
+        """shuffle=True: the resumable training loader, its order a pure function of (data seed, epoch) and
+        sharded by rank here (Lightning injects no sampler). Every loader draws worker seeds from its own
+        generator, so iterating one never moves the global torch RNG that training draws from."""
+        common = dict(batch_size=batch_size, drop_last=drop_last, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      collate_fn=collate_batch, generator=torch.Generator())
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **common)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableLoader(dataset, sampler=EpochSampler(dataset, self.seed, rank, world), **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -306,7 +387,7 @@ class ImageDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         epoch = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
         batches = DeviceBatches(ds, self.batch_size, drop_last, self.seed, epoch, rank, world)
-        return DataLoader(batches, batch_size=None, num_workers=0)
+        return ResumableLoader(batches, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

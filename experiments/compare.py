@@ -20,9 +20,9 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.sweep_io import format_table, summary
 from experiments.train import main as cli
 from experiments.trends import check_trends
+from lightning_modules.sweep import format_table, summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
@@ -34,12 +34,25 @@ def stage_dir(root: Path, name: str, args: list[str]) -> Path:
 
 
 def fit_stage(root: Path, name: str, args: list[str]) -> Path:
-    """Train (or reuse, or resume) one model; returns its last checkpoint."""
+    """Train (or reuse, or resume) one model; returns its last checkpoint, verified to hold the stage's final step.
+
+    done.json records the step the fit ended at; a stage is reused only while last.ckpt still holds that step
+    (otherwise it resumes from last.ckpt, which the recipes' LastCheckpoint writes every few steps).
+    """
+    import torch
+
+    def saved_step(path: Path) -> int:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
     directory = stage_dir(root, name, args)
     last, done = directory / "checkpoints" / "last.ckpt", directory / "done.json"
     if done.exists() and last.exists():
-        print(f"[{name}] reusing finished stage {directory}", flush=True)
-        return last
+        recorded, saved = json.loads(done.read_text()).get("global_step"), saved_step(last)
+        if recorded == saved:
+            print(f"[{name}] reusing finished stage {directory} (step {saved})", flush=True)
+            return last
+        print(f"[{name}] done.json says step {recorded} but {last} holds step {saved}: resuming", flush=True)
+        done.unlink()
     print(f"[{name}] training -> {directory}", flush=True)
     run = cli([*args, "--trainer.logger.init_args.save_dir", str(directory)], run=False)
     for callback in run.trainer.callbacks:
@@ -49,7 +62,12 @@ def fit_stage(root: Path, name: str, args: list[str]) -> Path:
     run.trainer.fit(run.model, run.datamodule, ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
     finish_wandb()
-    done.write_text(json.dumps({"seconds": time.perf_counter() - start, "global_step": run.trainer.global_step,
+    step = run.trainer.global_step
+    saved = saved_step(last) if last.exists() else None
+    if saved != step:
+        raise RuntimeError(f"[{name}] the fit ended at step {step} but {last} holds step {saved}: the recipe needs "
+                           "a callbacks.LastCheckpoint (last.ckpt at the final step); nothing was marked done.")
+    done.write_text(json.dumps({"seconds": time.perf_counter() - start, "global_step": step,
                                 "metrics": metrics}, indent=1))
     return last
 
@@ -71,7 +89,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
     p.add_argument("--classifier_steps", type=int, default=None, help="override the classifier's max_steps")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="further LightningCLI overrides for the sweep stage, e.g. --sweep.eta=1.0")
+                   help="further LightningCLI overrides for the sweep stage, e.g. --sweep.sampling.eta=1.0")
     return p.parse_args(argv)
 
 
@@ -89,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diffusion = fit_stage(root, "diffusion", diff_args)
 
     sweep_args = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
-                  str(classifier), "--sweep.num_samples", str(args.num_samples), "--sweep.steps", str(args.steps),
+                  str(classifier), "--sweep.num_samples", str(args.num_samples), "--sweep.sampling.steps", str(args.steps),
                   "--sweep.seeds", json.dumps(args.seeds), *args.extra]
     sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from callbacks.sweep_io import aggregate
+from lightning_modules.sweep import aggregate
 
 
 def check_trends(rows: list[dict]) -> list[str]:

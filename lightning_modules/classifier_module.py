@@ -48,10 +48,7 @@ class NoisyClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = EncoderClassifier(image_size, channels, num_classes, base_channels=base_channels,
-                                     channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-                                     attention_resolutions=tuple(attention_resolutions), dropout=dropout,
-                                     num_heads=num_heads, pool=pool)
+        self.net = EncoderClassifier.from_hparams(self.hparams)
         self.schedule = NoiseSchedule(schedule, timesteps)
         object.__setattr__(self, "_train_net", compiled(self.net, compile))
         # One running mean per (stage, quantity, quartile); weights mask the quartile, so no

@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .diffusion import GuidedDenoiser, NoiseSchedule, sample
+from .diffusion import GuidanceOptions, GuidedDenoiser, NoiseSchedule, SamplerOptions, make_rule, sample
+from .diffusion.guidance import GradFn
 from .diffusion.losses import denoising_loss, drop_labels
 from .networks import UNet
 from .training import EMA, adamw_with_warmup, compiled, maybe_channels_last
-
-
-@dataclass
-class Samples:
-    images: Tensor  # (N, C, H, W) in [-1, 1]
-    nfe_per_sample: float  # network evaluations per sample (a CFG step costs 2)
-    classifier_grads_per_sample: float  # classifier forward+backward passes per sample
 
 
 class ConditionalDiffusion(L.LightningModule):
@@ -57,11 +50,7 @@ class ConditionalDiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = UNet(image_size, channels, num_classes, base_channels=base_channels,
-                        channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-                        attention_resolutions=tuple(attention_resolutions),
-                        cross_attention_resolutions=tuple(cross_attention_resolutions), dropout=dropout,
-                        num_heads=num_heads, norm=norm)
+        self.net = UNet.from_hparams(self.hparams)
         self.ema_net = copy.deepcopy(self.net).requires_grad_(False)
         self.ema = EMA(ema_decay)
         self.schedule = NoiseSchedule(schedule, timesteps)
@@ -99,45 +88,47 @@ class ConditionalDiffusion(L.LightningModule):
         hp = self.hparams
         return adamw_with_warmup(self.net.parameters(), hp.lr, hp.weight_decay, hp.warmup_steps, self.device)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # In `validate`/`test` the module's global_step stays 0: remember the checkpoint's own step.
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
+
+    @property
+    def trained_steps(self) -> int:
+        """Optimiser steps behind the current weights (during fit, or of the loaded checkpoint)."""
+        return max(self.global_step, getattr(self, "_checkpoint_step", 0))
+
     @torch.no_grad()
     def sample(
         self,
         labels: Tensor,
         keys: Tensor,
         *,
-        steps: int = 50,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        cfg_scale: float | Sequence[float] = 1.0,
-        cg_scale: float | Sequence[float] = 0.0,
-        classifier: nn.Module | None = None,
-        interval: tuple[int, int] | None = None,
-        scale_schedule: str = "constant",
-        cfg_rescale: float = 0.0,
-        clip_x0: bool = True,
+        method: str = "cfg",
+        scales: float | Sequence[float] = 1.0,
+        options: GuidanceOptions | None = None,
+        grad_fn: GradFn | None = None,
+        sampling: SamplerOptions | None = None,
         use_ema: bool = True,
         autocast_dtype: torch.dtype | None = None,
         progress: bool = False,
-        compile: str | None = None,
-    ) -> Samples:
-        """Generate one image per label; sample i starts from the noise of keys[i] (see diffusion.noise).
+    ) -> Tensor:
+        """One image per label in [-1, 1]; sample i starts from the noise of keys[i] (see diffusion.noise).
 
-        Pass the null index as the label (or cfg_scale=0) for unconditional samples. `compile` is a
-        torch.compile mode for the whole sampler step (None = eager; "reduce-overhead" = CUDA graphs).
+        `method` and per-sample `scales` pick the guidance rule (DESIGN conventions: cfg at 1 is the
+        conditional model, at 0 the unconditional one); classifier-guided methods need `grad_fn(x, t, y)`,
+        e.g. `functools.partial(classifier_grad, classifier)`.
         """
+        sampling = sampling or SamplerOptions()
+        sampling.check(self.hparams.timesteps)
         net = self.ema_net if use_ema else self.net
         was_training = net.training
         net.eval()
-        if classifier is not None:
-            classifier.eval()
-        den = GuidedDenoiser(net, self.schedule, labels.to(self.device), self.null_label,
-                             prediction=self.hparams.prediction, cfg_scale=cfg_scale, cg_scale=cg_scale,
-                             classifier=classifier, interval=interval, scale_schedule=scale_schedule,
-                             cfg_rescale=cfg_rescale)
+        den = GuidedDenoiser(net, self.schedule, labels.to(self.device), self.null_label, make_rule(method, options),
+                             scales, grad_fn=grad_fn, prediction=self.hparams.prediction)
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         enabled = autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-            images = sample(den, shape, keys.to(self.device), steps, sampler, eta, clip_x0, progress,
-                            compile=compile)
+            images = sample(den, shape, keys.to(self.device), sampling.steps, sampling.sampler, sampling.eta,
+                            sampling.clip_x0, progress, compile=sampling.compile)
         net.train(was_training)
-        return Samples(images.float(), den.nfe, den.classifier_grads)
+        return images.float()

@@ -7,7 +7,18 @@ run in seconds on CPU; one slow test compiles with inductor for real.
 import pytest
 import torch
 
-from lightning_modules.diffusion import GuidedDenoiser, NoiseSchedule, sample, sample_keys
+from functools import partial
+
+from lightning_modules.diffusion import (
+    GuidanceOptions,
+    GuidedDenoiser,
+    NoiseSchedule,
+    cell_cost,
+    classifier_grad,
+    make_rule,
+    sample,
+    sample_keys,
+)
 from lightning_modules.diffusion.samplers import compiled_step
 from lightning_modules.networks import EncoderClassifier, UNet
 
@@ -32,35 +43,37 @@ def nets():
                attention_resolutions=(4,)).eval()
     clf = EncoderClassifier(SIZE, 1, NUM_CLASSES, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                             attention_resolutions=(4,), pool="attention").eval().requires_grad_(False)
-    return net, clf
+    return net, partial(classifier_grad, clf)  # one gradient function for every draw, as in a sweep
 
 
-def _draw(nets, sampler="ddim", eta=0.0, compile=None, backend="aot_eager", offset=0, **guidance):
-    net, clf = nets
+def _draw(nets, sampler="ddim", eta=0.0, compile=None, backend="aot_eager", offset=0, scales=None, **options):
+    net, grad_fn = nets
     idx = torch.arange(offset, offset + N)
-    den = GuidedDenoiser(net, NoiseSchedule("cosine", 1000), idx % NUM_CLASSES, NUM_CLASSES, classifier=clf,
-                         **guidance)
+    # cfg+cg with mixed per-sample CFG scales: a step needs both branches and the classifier gradient.
+    rule = make_rule("cfg+cg", GuidanceOptions(**options))
+    den = GuidedDenoiser(net, NoiseSchedule("cosine", 1000), idx % NUM_CLASSES, NUM_CLASSES, rule,
+                         MIXED if scales is None else scales, grad_fn=grad_fn)
     x = sample(den, (1, SIZE, SIZE), sample_keys(0, idx), 8, sampler, eta, compile=compile,
                compile_backend=backend)
     return x, den
 
 
-MIXED = {"cfg_scale": [0.0, 1.0, 2.5] * 4, "cg_scale": [0.0, 1.0, 3.0] * 4}
+MIXED = [0.0, 1.0, 2.5] * 4
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
 def test_compiled_step_gives_the_eager_samples_and_costs(nets, sampler, eta):
-    ref, den_ref = _draw(nets, sampler, eta, **MIXED)
-    out, den = _draw(nets, sampler, eta, compile="default", backend=CountingBackend(), **MIXED)
+    ref, den_ref = _draw(nets, sampler, eta)
+    out, den = _draw(nets, sampler, eta, compile="default", backend=CountingBackend())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert (den.nfe, den.classifier_grads) == (den_ref.nfe, den_ref.classifier_grads) == (16, 8)
+    assert cell_cost(den.rule, 2.5, 1000, 8) == (16, 8)
 
 
 def test_compiled_step_under_bf16_autocast(nets):
     """The sweep runs the step inside bf16 autocast on GPUs: the compiled step follows the same casts."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref, _ = _draw(nets, "ddim", **MIXED)
-        out, _ = _draw(nets, "ddim", compile="default", backend=CountingBackend(), **MIXED)
+        ref, _ = _draw(nets, "ddim")
+        out, _ = _draw(nets, "ddim", compile="default", backend=CountingBackend())
     assert out.dtype == torch.float32  # the sampler state stays float32; only the networks run in bf16
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -69,13 +82,12 @@ def test_whole_sweep_compiles_once_per_step_kind(nets):
     """One graph serves every timestep, noise stream and later batch (new labels, keys and scales);
     the classifier's forward and backward are inside it (no graph break)."""
     backend = CountingBackend()
-    _draw(nets, "ddpm", compile="default", backend=backend, **MIXED)
+    _draw(nets, "ddpm", compile="default", backend=backend)
     assert backend.graphs == 1
-    _draw(nets, "ddpm", compile="default", backend=backend, offset=N,
-          cfg_scale=[1.5] * N, cg_scale=[0.5, 2.0] * (N // 2))
+    _draw(nets, "ddpm", compile="default", backend=backend, offset=N, scales=[1.5, 2.0] * (N // 2))
     assert backend.graphs == 1
     # A guidance interval switches guidance off for part of the chain: one more graph, not one per step.
-    _draw(nets, "ddpm", compile="default", backend=backend, interval=(0, 500), **MIXED)
+    _draw(nets, "ddpm", compile="default", backend=backend, interval=(0, 500))
     assert backend.graphs == 2
 
 
@@ -86,6 +98,6 @@ def test_unknown_compile_mode_is_refused(nets):
 
 @pytest.mark.slow
 def test_inductor_compiled_sampling_matches_eager(nets):
-    ref, _ = _draw(nets, "ddim", **MIXED)
-    out, _ = _draw(nets, "ddim", compile="default", backend="inductor", **MIXED)
+    ref, _ = _draw(nets, "ddim")
+    out, _ = _draw(nets, "ddim", compile="default", backend="inductor")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

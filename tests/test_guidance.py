@@ -4,12 +4,16 @@ import pytest
 import torch
 from torch import nn
 
+from functools import partial
+
 from lightning_modules.diffusion import (
+    GuidanceOptions,
     GuidedDenoiser,
     NoiseSchedule,
+    OptionError,
+    cell_cost,
     classifier_grad,
-    gamma,
-    method_scales,
+    make_rule,
     sample,
     sample_keys,
 )
@@ -59,22 +63,22 @@ def test_cfg_at_one_is_conditional_and_at_zero_unconditional(setup):
     t = torch.full((6,), 500)
     cond = net(x, t, labels)
     uncond = net(x, t, torch.full_like(labels, NUM_CLASSES))
-    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=1.0).eps(x, 500), cond)
-    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=0.0).eps(x, 500), uncond)
+    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 1.0).at(x, 500).eps, cond)
+    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 0.0).at(x, 500).eps, uncond)
     s = 3.0
-    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=s).eps(x, 500),
+    torch.testing.assert_close(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", s).at(x, 500).eps,
                                uncond + s * (cond - uncond))
 
 
 def test_batched_cfg_is_one_forward_with_fixed_chunk_order(setup):
     schedule, labels, x = setup
     net = TinyNet()
-    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=2.0)
-    den.eps(x, 300)
+    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 2.0)
+    den.at(x, 300)
     assert len(net.calls) == 1 and net.calls[0][0] == 12  # one forward of 2B
     y_in = net.calls[0][1]
     assert torch.equal(y_in[:6], labels) and torch.all(y_in[6:] == NUM_CLASSES)  # cond first, null second
-    assert den.nfe == 2
+    assert den.mode(300).network_evaluations == 2
 
 
 def test_cg_scale_zero_gives_exactly_the_unguided_samples(setup):
@@ -82,11 +86,11 @@ def test_cg_scale_zero_gives_exactly_the_unguided_samples(setup):
     keys = sample_keys(0, torch.arange(6))
     for sampler in ("ddim", "ddpm"):
         plain = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES), SHAPE, keys, 8, sampler)
-        cg0 = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cg_scale=0.0,
-                                    classifier=TinyClassifier()), SHAPE, keys, 8, sampler)
+        cg0 = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 0.0,
+                                    grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, 8, sampler)
         assert torch.equal(plain, cg0)
-        guided = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cg_scale=5.0,
-                                       classifier=TinyClassifier()), SHAPE, keys, 8, sampler)
+        guided = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 5.0,
+                                       grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, 8, sampler)
         assert not torch.allclose(plain, guided)
 
 
@@ -117,12 +121,11 @@ def test_classifier_gradient_works_inside_no_grad_and_inference_mode():
 def test_classifier_sees_original_timesteps_under_respacing(setup):
     schedule, labels, _ = setup
     clf = TinyClassifier()
-    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cg_scale=1.0, classifier=clf)
+    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 1.0, grad_fn=partial(classifier_grad, clf))
     sample(den, SHAPE, sample_keys(0, torch.arange(6)), 10, "ddim")
     seen = [int(t[0]) for t in clf.seen_t]
     assert seen == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert all(torch.all(t == t[0]) for t in clf.seen_t)
-    assert den.classifier_grads == 10 and den.nfe == 10
 
 
 @pytest.mark.parametrize("method", ["cfg", "cg_cond", "cg_uncond", "cfg+cg"])
@@ -132,65 +135,93 @@ def test_per_sample_scale_vector_equals_separate_runs(setup, method):
     n = 4
     labels = torch.arange(n) % NUM_CLASSES
     keys = sample_keys(7, torch.arange(n))
-    pairs = [method_scales(method, s, 0.5) for s in scales]
-    batched = sample(GuidedDenoiser(TinyNet(), schedule, labels.repeat(3), NUM_CLASSES,
-                                    cfg_scale=[p[0] for p in pairs for _ in range(n)],
-                                    cg_scale=[p[1] for p in pairs for _ in range(n)], classifier=TinyClassifier()),
+    rule = make_rule(method, GuidanceOptions(combo_cg_scale=0.5))
+    grad_fn = partial(classifier_grad, TinyClassifier())
+    batched = sample(GuidedDenoiser(TinyNet(), schedule, labels.repeat(3), NUM_CLASSES, rule,
+                                    [s for s in scales for _ in range(n)], grad_fn=grad_fn),
                      SHAPE, keys.repeat(3), 6, "ddim")
-    for j, (s_cfg, s_cg) in enumerate(pairs):
-        alone = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cfg_scale=s_cfg, cg_scale=s_cg,
-                                      classifier=TinyClassifier()), SHAPE, keys, 6, "ddim")
+    for j, scale in enumerate(scales):
+        alone = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scale, grad_fn=grad_fn),
+                       SHAPE, keys, 6, "ddim")
         torch.testing.assert_close(batched[j * n:(j + 1) * n], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_gamma_common_axis():
-    assert gamma("cfg", 3.0) == 3.0
-    assert gamma("cg_cond", 2.0) == 3.0
-    assert gamma("cg_uncond", 2.0) == 2.0
-    with pytest.raises(ValueError, match="cfg"):
-        method_scales("bogus", 1.0)
+    assert make_rule("cfg").gamma(3.0) == 3.0
+    assert make_rule("cg_cond").gamma(2.0) == 3.0
+    assert make_rule("cg_uncond").gamma(2.0) == 2.0
+    assert make_rule("cfg+cg", GuidanceOptions(combo_cg_scale=0.5)).gamma(2.0) == 2.5
+    with pytest.raises(OptionError, match="methods.*cfg"):
+        make_rule("bogus")
 
 
 def test_guidance_interval_and_schedule_modulate_only_the_excess(setup):
     schedule, labels, x = setup
     net = TinyNet()
     cond = net(x, torch.full((6,), 900), labels)
-    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=4.0, interval=(0, 500))
-    torch.testing.assert_close(den.eps(x, 900), cond)  # outside the band: plain conditional
-    assert not torch.allclose(den.eps(x, 400), net(x, torch.full((6,), 400), labels))
-    lin = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=4.0, scale_schedule="linear")
+    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(interval=(0, 500)))
+    torch.testing.assert_close(den.at(x, 900).eps, cond)  # outside the band: plain conditional
+    assert not torch.allclose(den.at(x, 400).eps, net(x, torch.full((6,), 400), labels))
+    lin = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(scale_schedule="linear"))
     assert lin.weight(999) == 0.0 and lin.weight(0) == 1.0
-    cos = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=4.0, scale_schedule="cosine")
+    cos = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(scale_schedule="cosine"))
     assert abs(cos.weight(999)) < 1e-12 and abs(cos.weight(0) - 1.0) < 1e-12
-    uncond_cg = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=0.0, cg_scale=2.0,
-                               classifier=TinyClassifier(), interval=(0, 500))
-    assert uncond_cg.grad(x, 900) is None  # no classifier gradient outside the band
-    torch.testing.assert_close(uncond_cg.eps(x, 900), net(x, torch.full((6,), 900), torch.full_like(labels, 3)))
+    uncond_cg = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cg_uncond", 2.0,
+                               grad_fn=partial(classifier_grad, TinyClassifier()),
+                               options=GuidanceOptions(interval=(0, 500)))
+    out = uncond_cg.at(x, 900)
+    assert out.score is None  # no classifier gradient outside the band
+    torch.testing.assert_close(out.eps, net(x, torch.full((6,), 900), torch.full_like(labels, 3)))
 
 
 def test_cfg_rescale_matches_conditional_std(setup):
     schedule, labels, x = setup
     net = TinyNet()
-    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, cfg_scale=6.0, cfg_rescale=1.0)
-    out = den.eps(x, 500)
+    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 6.0, options=GuidanceOptions(cfg_rescale=1.0))
+    out = den.at(x, 500).eps
     cond = net(x, torch.full((6,), 500), labels)
     torch.testing.assert_close(out.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5, rtol=1e-4)
 
 
-def test_classifier_guidance_without_classifier_is_a_clear_error(setup):
+def test_classifier_guidance_without_gradient_function_is_a_clear_error(setup):
     schedule, labels, _ = setup
     with pytest.raises(ValueError, match="classifier"):
-        GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, cg_scale=1.0)
+        GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 1.0)
+    GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 0.0)  # s = 0 takes no gradient
+
+
+@pytest.mark.parametrize("bad,option", [
+    ({"interval": (600, 100)}, "interval"), ({"interval": (-1, 100)}, "interval"),
+    ({"scale_schedule": "cubic"}, "scale_schedule"), ({"cfg_rescale": 1.5}, "cfg_rescale"),
+    ({"combo_cg_scale": float("nan")}, "combo_cg_scale"),
+])
+def test_bad_guidance_options_name_the_option(bad, option):
+    with pytest.raises(OptionError, match=f"`{option}`.*Fix"):
+        GuidanceOptions(**bad).check()
+    with pytest.raises(OptionError, match=f"`{option}`"):  # the denoiser refuses them before sampling
+        GuidedDenoiser(TinyNet(), NoiseSchedule(), torch.zeros(2, dtype=torch.long), NUM_CLASSES, "cfg", 2.0,
+                       options=GuidanceOptions(**bad))
+    with pytest.raises(OptionError, match="interval"):
+        GuidanceOptions(interval=(0, 1000)).check(timesteps=1000)
+
+
+def test_score_is_applied_in_eps_form_and_mean_form():
+    from lightning_modules.diffusion import condition_mean, condition_score
+
+    eps, mean, g = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.full((2, 1, 2, 2), 2.0)
+    torch.testing.assert_close(condition_score(eps, g, torch.tensor(0.5)), eps - 1.0)
+    torch.testing.assert_close(condition_mean(mean, g, torch.tensor(0.25)), mean + 0.5)
+    assert condition_score(eps, None, torch.tensor(0.5)) is eps
 
 
 def test_cell_cost_counts_what_a_cell_needs_by_itself():
-    from lightning_modules.diffusion import guidance_cost
+    def cost(method, scale, **options):
+        return cell_cost(make_rule(method, GuidanceOptions(**options)), scale, 1000, 10)
 
-    schedule = NoiseSchedule("cosine", 1000)
-    assert guidance_cost(schedule, 10, *method_scales("cfg", 0.0)) == (10, 0)  # unconditional: one branch
-    assert guidance_cost(schedule, 10, *method_scales("cfg", 1.0)) == (10, 0)  # conditional: one branch
-    assert guidance_cost(schedule, 10, *method_scales("cfg", 2.0)) == (20, 0)
-    assert guidance_cost(schedule, 10, *method_scales("cg_cond", 0.0)) == (10, 0)
-    assert guidance_cost(schedule, 10, *method_scales("cg_uncond", 3.0)) == (10, 10)
+    assert cost("cfg", 0.0) == (10, 0)  # unconditional: one branch
+    assert cost("cfg", 1.0) == (10, 0)  # conditional: one branch
+    assert cost("cfg", 2.0) == (20, 0)
+    assert cost("cg_cond", 0.0) == (10, 0)
+    assert cost("cg_uncond", 3.0) == (10, 10)
     # Respaced steps 999, 888, ..., 0: four of them (333, 222, 111, 0) fall inside a [0, 400] interval.
-    assert guidance_cost(schedule, 10, *method_scales("cfg+cg", 2.0, 1.0), interval=(0, 400)) == (14, 4)
+    assert cost("cfg+cg", 2.0, combo_cg_scale=1.0, interval=(0, 400)) == (14, 4)

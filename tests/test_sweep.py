@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from callbacks import GuidanceSweep
+from lightning_modules.diffusion import SamplerOptions
+from lightning_modules.sweep import SweepConfig
 from experiments.train import main
 from lightning_modules import ConditionalDiffusion, NoisyClassifier
 
@@ -63,7 +64,7 @@ def test_classifier_logs_loss_and_accuracy_per_timestep_quartile(tmp_path):
     assert "train/loss" in logged and "val/acc" in logged
 
 
-def test_sweep_writes_every_cell_resumes_and_logs_offline(trained, tmp_path, monkeypatch):
+def test_sweep_writes_every_cell_resumes_and_logs_offline(trained, tmp_path):
     out = tmp_path / "sweep"
     args = sweep_args(trained["diffusion"], trained["classifier"], out, trained["cache"], tmp_path / "logs")
     # A fresh process, as a user runs it: W&B's mode is read once per process.
@@ -111,28 +112,22 @@ def test_sweep_writes_every_cell_resumes_and_logs_offline(trained, tmp_path, mon
         "metrics_vs_gamma.png",
         "front_fid_vs_accuracy.png",
         "front_precision_vs_recall.png",
-        "grids/cfg_s2_seed0.png",
     ):
         assert (out / name).exists(), name
+    assert all((out / r["grid"]).stat().st_size > 0 for r in rows)
+    assert {r["diffusion_step"] for r in rows} == {"6"} and {r["classifier_step"] for r in rows} == {"6"}
+    assert len({r["diffusion_sha"] for r in rows}) == 1 and len(rows[0]["diffusion_sha"]) == 16
     assert list((tmp_path / "logs" / "wandb").glob("offline-run-*")), "no offline W&B run written"
 
-    # Kill half-way: keep the first two cells, rerun, and check only the missing cells are sampled.
+    # Kill half-way: keep the first two cells, rerun: the missing cells are sampled, the kept ones are not
+    # (a recomputed cell would add a row).
     lines = (out / "sweep.csv").read_text().splitlines()
     (out / "sweep.csv").write_text("\n".join(lines[:3]) + "\n")
     kept = read_rows(out / "sweep.csv")
-    calls = []
-    original = GuidanceSweep._run_method
-
-    def spy(self, trainer, module, method, scales, seed, signature):
-        calls.append((method, list(scales)))
-        return original(self, trainer, module, method, scales, seed, signature)
-
-    monkeypatch.setattr(GuidanceSweep, "_run_method", spy)
     main(args)
-    done_before = {(r["method"], float(r["scale"])) for r in kept}
-    assert all((m, s) not in done_before for m, scales in calls for s in scales)
     rows2 = read_rows(out / "sweep.csv")
     assert len(rows2) == 5 and rows2[:2] == kept
+    assert sorted((r["method"], float(r["scale"])) for r in rows2) == sorted((r["method"], float(r["scale"])) for r in rows)
 
 
 def test_same_seeds_give_same_metrics(trained, tmp_path):
@@ -161,19 +156,19 @@ def test_incompatible_classifier_fails_before_sampling(trained, tmp_path):
 
 def test_classifier_guidance_without_checkpoint_is_a_clear_error():
     with pytest.raises(ValueError, match="classifier_ckpt"):
-        GuidanceSweep(methods=["cg_cond"])
+        SweepConfig(methods=["cg_cond"])
     with pytest.raises(ValueError, match="reduce-overhead"):  # names the valid compile modes
-        GuidanceSweep(methods=["cfg"], compile="fastest")
+        SweepConfig(methods=["cfg"], sampling=SamplerOptions(compile="fastest"))
 
 
 def test_sweep_runs_every_n_epochs_during_fit_and_at_the_end(trained, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "digits_diffusion.yaml"), *TINY_NET, *FAST_TRAINER,
             "--config", str(CONFIGS / "digits_sweep.yaml"), "--trainer.max_steps=10", "--data.batch_size=256",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--sweep.methods=[cfg]", '--sweep.scales={"cfg": [1.0]}',
-            "--sweep.every_n_epochs=1", "--sweep.num_samples=10", "--sweep.steps=2", "--sweep.progress=false",
+            "--sweep.every_n_epochs=1", "--sweep.num_samples=10", "--sweep.sampling.steps=2", "--sweep.progress=false",
             f"--sweep.cache_dir={trained['cache']}"]
     cli = main(args)
     (csv_path,) = tmp_path.glob("guidelab/*/sweep/sweep.csv")  # next to the run's checkpoints/
-    steps = [int(r["global_step"]) for r in read_rows(csv_path)]
+    steps = [int(r["diffusion_step"]) for r in read_rows(csv_path)]
     assert steps == [5, 10]  # after epoch 1 and epoch 2; the end-of-fit sweep finds step 10 already done
     assert cli.trainer.global_step == 10

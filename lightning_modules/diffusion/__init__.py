@@ -1,11 +1,26 @@
 """Diffusion maths in pure torch: schedules, noise, guidance rules and samplers (no Lightning)."""
 
-from .guidance import METHODS, GuidedDenoiser, classifier_grad, gamma, guidance_cost, method_scales
+from .denoiser import GuidedDenoiser
+from .guidance import (
+    METHODS,
+    RULES,
+    GuidanceRule,
+    Guided,
+    Predictions,
+    StepMode,
+    cell_cost,
+    classifier_grad,
+    condition_mean,
+    condition_score,
+    make_rule,
+)
 from .noise import keyed_normal, sample_keys
+from .options import COMPILE_MODES, GuidanceOptions, OptionError, SamplerOptions
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule, make_betas, respaced_timesteps
 
 __all__ = [
-    "METHODS", "SAMPLERS", "GuidedDenoiser", "NoiseSchedule", "classifier_grad", "gamma", "guidance_cost",
-    "keyed_normal", "make_betas", "method_scales", "respaced_timesteps", "sample", "sample_keys",
+    "METHODS", "RULES", "SAMPLERS", "Guided", "GuidanceOptions", "GuidanceRule", "GuidedDenoiser", "NoiseSchedule",
+    "OptionError", "Predictions", "SamplerOptions", "COMPILE_MODES", "StepMode", "cell_cost", "classifier_grad", "condition_mean", "condition_score",
+    "keyed_normal", "make_betas", "make_rule", "respaced_timesteps", "sample", "sample_keys",
 ]

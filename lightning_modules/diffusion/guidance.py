@@ -1,57 +1,86 @@
-"""Guidance rules: how a class-conditional network (and an optional noisy classifier) become one
-guided ε-prediction per step. One sampler loop serves every method; only this object changes.
+"""Guidance rules: one small class per method, seen by the sampler through one hook.
 
-General form, per sample (CFG scale s_cfg, CG scale s_cg, classifier gradient g = ∇ log p(y|x_t)):
-    ε̂ = ε_u + s_cfg·(ε_c − ε_u)            (diffusers/Imagen convention: s=1 conditional, s=0 unconditional)
-    DDIM:      ε̂ ← ε̂ − s_cg·√(1−ᾱ_t)·g      (ε-form, applied by the sampler)
-    ancestral: μ̂ ← μ + s_cg·Σ_t·g            (mean-form, applied by the sampler)
-The named methods are points of that form: cfg = (s, 0), cg_cond = (1, s), cg_uncond = (0, s),
-cfg+cg = (s, s2).
+A rule says, per step, which predictions it needs (`mode`: conditional and/or unconditional branch, a
+classifier gradient) and how it combines them (`combine`) into a guided ε plus an optional extra score
+term s·∇log p(y|x_t). Rules see predictions, never networks or classifiers; samplers see `Guided`, never
+method names. The score term is applied by the sampler in the form its update needs, by the two functions
+that sit side by side here (guided-diffusion's condition_score / condition_mean):
+    ε-form (DDIM):      ε̂ = ε − σ_t·score,        σ_t = √(1−ᾱ_t)
+    mean-form (DDPM):   μ̂ = μ + Σ_t·score
+Scales follow DESIGN conventions: CFG ε̂ = ε_u + s·(ε_c − ε_u) (s = 1 conditional, s = 0 unconditional; no
+value of s switches guidance off); CG s = 0 is unguided. Every scale is per sample, so all scales of a sweep
+run as one batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .schedule import NoiseSchedule, respaced_timesteps
+from .options import GuidanceOptions, OptionError
+from .schedule import respaced_timesteps
 
-METHODS = ("none", "cfg", "cg_cond", "cg_uncond", "cfg+cg")
-SCALE_SCHEDULES = ("constant", "linear", "cosine")
-
-
-def method_scales(method: str, scale: float, cg_scale: float = 0.0) -> tuple[float, float]:
-    """(s_cfg, s_cg) for a named method at its native scale; `cg_scale` is the CG part of 'cfg+cg'."""
-    table = {
-        "none": (1.0, 0.0),
-        "cfg": (scale, 0.0),
-        "cg_cond": (1.0, scale),
-        "cg_uncond": (0.0, scale),
-        "cfg+cg": (scale, cg_scale),
-    }
-    if method not in table:
-        raise ValueError(f"unknown guidance method {method!r}; choose one of {METHODS}")
-    return table[method]
+GradFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> ∇_x log p(y | x_t)
 
 
-def gamma(method: str, scale: float, cg_scale: float = 0.0) -> float:
-    """The common axis: the exponent γ on p(y|x) that the method implies (DESIGN.md)."""
-    s_cfg, s_cg = method_scales(method, scale, cg_scale)
-    return s_cfg + s_cg
+@dataclass(frozen=True)
+class StepMode:
+    """What one step evaluates, decided on the host before it runs (a compiled step specialises on it).
+
+    `branches`: the network predictions needed, a subset of ("cond", "uncond") in that order (both = one
+    batched forward of 2B); `gradient`: whether the classifier gradient is taken.
+    """
+
+    branches: tuple[str, ...]
+    gradient: bool
+
+    @property
+    def network_evaluations(self) -> int:
+        """Per sample: the batched CFG forward of 2B counts 2."""
+        return len(self.branches)
+
+
+@dataclass
+class Predictions:
+    """What a rule may combine at one step; a branch not in the step's mode is None."""
+
+    x: Tensor
+    t: Tensor
+    cond: Tensor | None = None
+    uncond: Tensor | None = None
+    grad: Tensor | None = None  # ∇_{x_t} log p(y | x_t), unscaled
+
+
+@dataclass
+class Guided:
+    """A rule's output: the guided ε, and an extra score term (already scaled) for the sampler to apply."""
+
+    eps: Tensor
+    score: Tensor | None = None
+
+
+def condition_score(eps: Tensor, score: Tensor | None, sigma_t: Tensor) -> Tensor:
+    """ε-form guidance (DDIM, DPM-Solver): ε̂ = ε − √(1−ᾱ_t)·score (Dhariwal & Nichol 2021, Alg. 2)."""
+    return eps if score is None else eps - sigma_t * score
+
+
+def condition_mean(mean: Tensor, score: Tensor | None, variance: Tensor) -> Tensor:
+    """Mean-form guidance (ancestral sampling): μ̂ = μ + Σ_t·score (Dhariwal & Nichol 2021, Alg. 1)."""
+    return mean if score is None else mean + variance * score
 
 
 def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
     """∇_x log softmax(f(x, t))[y], per sample. Safe inside no-grad / inference-mode sampling loops.
 
-    Summing log-probs over the batch is exact because the classifier has no cross-sample layers.
-    Under torch.compile the gradient is taken with `torch.func.grad`, which Dynamo traces into the same
-    graph as the rest of the step (`torch.autograd.grad` makes it skip the frame); eagerly, plain autograd
-    is ~1.5x faster than functorch's wrappers (measured on CPU).
+    Summing log-probs over the batch is exact because the classifier has no cross-sample layers. Under
+    torch.compile the gradient is taken with `torch.func.grad`, which Dynamo traces into the step's graph
+    (`torch.autograd.grad` makes it skip the frame); eagerly plain autograd is ~1.5x faster.
     """
 
     def log_prob(x_in: Tensor) -> Tensor:
@@ -65,177 +94,157 @@ def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> T
         return torch.autograd.grad(log_prob(x_in), x_in)[0]
 
 
-@dataclass(frozen=True)
-class StepMode:
-    """What one sampling step evaluates, decided on the host before the step runs.
-
-    `branches`: "cond" or "uncond" (one network evaluation) or "both" (one batched forward of 2B);
-    `classifier`: whether any sample is classifier-guided at this step. A compiled step is specialised
-    on these two values, so a whole sweep compiles a handful of graphs, never one per timestep.
-    """
-
-    branches: str
-    classifier: bool
-
-    @property
-    def network_evaluations(self) -> int:
-        """Per sample: the batched CFG forward of 2B counts 2."""
-        return 2 if self.branches == "both" else 1
-
-
-def guidance_weight(t: int, timesteps: int, interval: tuple[int, int] | None, scale_schedule: str) -> float:
+def guidance_weight(t: int, timesteps: int, options: GuidanceOptions) -> float:
     """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
-    if interval is not None and not interval[0] <= t <= interval[1]:
+    if options.interval is not None and not options.interval[0] <= t <= options.interval[1]:
         return 0.0
     progress = 1.0 - t / (timesteps - 1)  # 0 at pure noise, 1 at the data end
-    if scale_schedule == "linear":
+    if options.scale_schedule == "linear":
         return progress
-    if scale_schedule == "cosine":
+    if options.scale_schedule == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * progress))
     return 1.0
 
 
-def step_mode(cfg_scales: Iterable[float], classifier_guided: bool, w: float) -> StepMode:
-    """The evaluations a step with guidance weight w needs for a batch with these CFG scales."""
-    effective = {(1.0 + (s - 1.0) * w) if s != 0 else 0.0 for s in cfg_scales}
-    branches = "cond" if effective == {1.0} else "uncond" if effective == {0.0} else "both"
-    return StepMode(branches, w != 0.0 and classifier_guided)
+class GuidanceRule:
+    """One guidance method. Subclasses set `name` and implement gamma, mode and combine."""
+
+    name: ClassVar[str]
+    uses_gradient: ClassVar[bool] = False  # may need a classifier gradient at some scale
+
+    def __init__(self, options: GuidanceOptions | None = None) -> None:
+        self.options = options or GuidanceOptions()
+
+    def gamma(self, scale: float) -> float:
+        """The common axis: the exponent γ on p(y|x) the method implies at this native scale."""
+        raise NotImplementedError
+
+    def needs_gradient(self, scale: float) -> bool:
+        """Whether a cell at this scale takes classifier gradients (so needs a classifier)."""
+        return False
+
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        """The evaluations a step with guidance weight w needs for a batch holding these scales."""
+        raise NotImplementedError
+
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        """The guided prediction from per-sample scales (B,) and the step's guidance weight w (0-d)."""
+        raise NotImplementedError
 
 
-class GuidedDenoiser:
-    """A guided ε-predictor for one batch: labels, per-sample scales and options fixed at creation.
+class LinearGuidance(GuidanceRule):
+    """Points of the general form ε̂ = ε_u + s_cfg·(ε_c − ε_u), score = s_cg·∇log p(y|x_t).
 
-    Per-sample scales let every scale of a sweep run as one batched pass. The guidance interval
-    and the scale schedule modulate only the guidance *beyond* the base branch (the conditional
-    one, or the unconditional one where s_cfg = 0), so outside the interval a sample is plain
+    A subclass only maps its native scale to (s_cfg, s_cg) in `split`, written so it works on floats and on
+    per-sample tensors alike. The guidance weight w modulates only what lies beyond the base branch (the
+    conditional one, or the unconditional one where s_cfg = 0), so outside an interval a sample is plain
     conditional (or plain unconditional) sampling.
     """
 
-    def __init__(
-        self,
-        net: Callable[[Tensor, Tensor, Tensor], Tensor],
-        schedule: NoiseSchedule,
-        labels: Tensor,
-        null_label: int,
-        *,
-        prediction: str = "eps",
-        cfg_scale: float | Sequence[float] = 1.0,
-        cg_scale: float | Sequence[float] = 0.0,
-        classifier: nn.Module | None = None,
-        interval: tuple[int, int] | None = None,
-        scale_schedule: str = "constant",
-        cfg_rescale: float = 0.0,
-    ) -> None:
-        n = len(labels)
-        self.cfg_host = _per_sample(cfg_scale, n, "cfg_scale")
-        self._cfg_values = set(self.cfg_host)  # decided on the host, so no per-step device sync
-        self.cg_host = _per_sample(cg_scale, n, "cg_scale")
-        if any(s != 0 for s in self.cg_host) and classifier is None:
-            raise ValueError("classifier guidance (cg_scale != 0) needs a noisy classifier checkpoint")
-        if scale_schedule not in SCALE_SCHEDULES:
-            raise ValueError(f"unknown scale_schedule {scale_schedule!r}; choose one of {SCALE_SCHEDULES}")
-        if not 0.0 <= cfg_rescale <= 1.0:
-            raise ValueError(f"cfg_rescale (φ) must be in [0, 1], got {cfg_rescale}")
-        self.net, self.schedule, self.prediction = net, schedule, prediction
-        self.labels = labels
-        self.null = torch.full_like(labels, null_label)
-        self.classifier = classifier
-        self.interval, self.scale_schedule, self.cfg_rescale = interval, scale_schedule, cfg_rescale
-        device = labels.device
-        self.cfg_scale = torch.tensor(self.cfg_host, device=device)
-        self.cg_scale = torch.tensor(self.cg_host, device=device)
-        self.cfg_base = (self.cfg_scale != 0).float()  # 1 = conditional branch is the base, 0 = unconditional
-        self.nfe = 0.0  # network evaluations per sample so far
-        self.classifier_grads = 0.0  # classifier forward+backward passes per sample so far
+    def split(self, scale):  # float -> (float, float); Tensor -> (Tensor, Tensor)
+        raise NotImplementedError
 
-    def weight(self, t: int) -> float:
-        """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
-        return guidance_weight(t, self.schedule.timesteps, self.interval, self.scale_schedule)
+    def gamma(self, scale: float) -> float:
+        s_cfg, s_cg = self.split(scale)
+        return s_cfg + s_cg
 
-    def mode(self, t: int) -> StepMode:
-        """Which evaluations step t needs (host-side: no device sync, nothing counted)."""
-        return step_mode(self._cfg_values, any(s != 0 for s in self.cg_host), self.weight(t))
+    def needs_gradient(self, scale: float) -> bool:
+        return self.split(scale)[1] != 0
 
-    def count(self, mode: StepMode) -> None:
-        """Book the cost of one step per sample (a batched CFG forward of 2B counts 2)."""
-        self.nfe += mode.network_evaluations
-        self.classifier_grads += int(mode.classifier)
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        pairs = [self.split(s) for s in scales]
+        effective = {(1.0 + (c - 1.0) * w) if c != 0 else 0.0 for c, _ in pairs}
+        branches = ("cond",) if effective == {1.0} else ("uncond",) if effective == {0.0} else ("cond", "uncond")
+        return StepMode(branches, w != 0.0 and any(g != 0 for _, g in pairs))
 
-    def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        out = self.net(x, t, y).float()
-        return self.schedule.eps_from_output(self.prediction, out, x, t)
-
-    def guided_eps(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode) -> Tensor:
-        """The CFG-combined ε for a batch at training indices t (B,), guidance weight w (0-d tensor).
-
-        Pure tensor code (no host reads), so the sampler may compile it; classifier guidance is
-        added by the sampler from `scaled_grad`.
-        """
-        if mode.branches == "cond":
-            return self._eps(x, t, self.labels)
-        if mode.branches == "uncond":
-            return self._eps(x, t, self.null)
-        # One batched forward; chunk order is fixed: conditional first, null label second.
-        eps_c, eps_u = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, self.null])).chunk(2)
-        s = (self.cfg_base + (self.cfg_scale - self.cfg_base) * w).view(-1, 1, 1, 1)
-        guided = eps_u + s * (eps_c - eps_u)
-        if self.cfg_rescale > 0:
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        s_cfg, s_cg = self.split(scale)
+        score = None if p.grad is None else (s_cg * w).view(-1, 1, 1, 1) * p.grad
+        if p.uncond is None or p.cond is None:
+            return Guided(p.cond if p.uncond is None else p.uncond, score)
+        base = (s_cfg != 0).float()  # 1 = the conditional branch is the base, 0 = the unconditional one
+        s = (base + (s_cfg - base) * w).view(-1, 1, 1, 1)
+        guided = p.uncond + s * (p.cond - p.uncond)
+        if self.options.cfg_rescale > 0:
             # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's.
-            dims = tuple(range(1, x.ndim))
-            ratio = eps_c.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
-            guided = self.cfg_rescale * guided * ratio + (1 - self.cfg_rescale) * guided
-        return guided
-
-    def scaled_grad(self, x: Tensor, t: Tensor, w: Tensor) -> Tensor:
-        """s_cg(t)·∇_{x_t} log p(y | x_t); the classifier is fed the ORIGINAL training indices t."""
-        assert self.classifier is not None
-        g = classifier_grad(self.classifier, x, t, self.labels)
-        return (self.cg_scale * w).view(-1, 1, 1, 1) * g
-
-    def eps(self, x: Tensor, t: int) -> Tensor:
-        """The CFG-combined ε at training index t, counted (for direct use; samplers use guided_eps)."""
-        mode = self.mode(t)
-        self.nfe += mode.network_evaluations  # the classifier part is counted by grad()
-        return self.guided_eps(x, self._t_batch(x, t), self._w(x, t), mode)
-
-    def grad(self, x: Tensor, t: int) -> Tensor | None:
-        """s_cg(t)·∇ log p(y | x_t) at training index t, or None when no sample is classifier-guided there."""
-        if not self.mode(t).classifier:
-            return None
-        self.classifier_grads += 1
-        return self.scaled_grad(x, self._t_batch(x, t), self._w(x, t))
-
-    @staticmethod
-    def _t_batch(x: Tensor, t: int) -> Tensor:
-        return torch.full((len(x),), t, device=x.device, dtype=torch.long)
-
-    def _w(self, x: Tensor, t: int) -> Tensor:
-        return torch.tensor(self.weight(t), device=x.device)
+            dims = tuple(range(1, guided.ndim))
+            ratio = p.cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+            phi = self.options.cfg_rescale
+            guided = phi * guided * ratio + (1 - phi) * guided
+        return Guided(guided, score)
 
 
-def guidance_cost(schedule: NoiseSchedule, steps: int, cfg_scale: float, cg_scale: float,
-                  interval: tuple[int, int] | None = None, scale_schedule: str = "constant") -> tuple[float, float]:
-    """(network evaluations, classifier passes) per sample of one cell sampled on its own.
+def _like(scale, value: float):
+    return scale * 0 + value  # a constant shaped like `scale` (float or tensor)
 
-    A batched sweep pass may evaluate both CFG branches for a sample at s = 0 or 1 when its chunk also
-    holds other scales; the cost a cell is reported with is what it needs by itself.
-    """
-    nfe = grads = 0
-    for t in respaced_timesteps(schedule.timesteps, steps):
-        mode = step_mode([cfg_scale], cg_scale != 0, guidance_weight(t, schedule.timesteps, interval, scale_schedule))
+
+class NoGuidance(LinearGuidance):
+    """The plain conditional model (the scale is ignored)."""
+
+    name = "none"
+
+    def split(self, scale):
+        return _like(scale, 1.0), _like(scale, 0.0)
+
+
+class ClassifierFree(LinearGuidance):
+    """CFG (Ho & Salimans 2022): ε̂ = ε_u + s·(ε_c − ε_u); γ = s."""
+
+    name = "cfg"
+
+    def split(self, scale):
+        return scale, _like(scale, 0.0)
+
+
+class ClassifierOnConditional(LinearGuidance):
+    """CG on the conditional branch (Dhariwal & Nichol 2021): ε_c guided by s·∇log p(y|x_t); γ = 1 + s."""
+
+    name = "cg_cond"
+    uses_gradient = True
+
+    def split(self, scale):
+        return _like(scale, 1.0), scale
+
+
+class ClassifierOnUnconditional(LinearGuidance):
+    """CG on the null-label branch of the same network; γ = s."""
+
+    name = "cg_uncond"
+    uses_gradient = True
+
+    def split(self, scale):
+        return _like(scale, 0.0), scale
+
+
+class ClassifierFreePlusClassifier(LinearGuidance):
+    """CFG at the swept scale plus CG at the fixed `combo_cg_scale`; γ = s + combo."""
+
+    name = "cfg+cg"
+    uses_gradient = True
+
+    def split(self, scale):
+        return scale, _like(scale, self.options.combo_cg_scale)
+
+
+RULES: dict[str, type[GuidanceRule]] = {r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional,
+                                                                ClassifierOnUnconditional, ClassifierFreePlusClassifier)}
+METHODS = tuple(RULES)
+
+
+def make_rule(method: str, options: GuidanceOptions | None = None) -> GuidanceRule:
+    """The rule object for a method name."""
+    if method not in RULES:
+        raise OptionError("methods", f"unknown guidance method {method!r}", f"choose from {list(METHODS)}")
+    return RULES[method](options)
+
+
+def cell_cost(rule: GuidanceRule, scale: float, timesteps: int, steps: int) -> tuple[float, float]:
+    """(network evaluations, classifier passes) per sample of one cell sampled on its own: a pure function
+    of the plan. (A batched pass may evaluate both CFG branches for s = 0 or 1 when its chunk also holds
+    other scales; the cost a cell is reported with is what it needs by itself.)"""
+    nfe = passes = 0
+    for t in respaced_timesteps(timesteps, steps):
+        mode = rule.mode([scale], guidance_weight(t, timesteps, rule.options))
         nfe += mode.network_evaluations
-        grads += int(mode.classifier)
-    return float(nfe), float(grads)
-
-
-def _per_sample(value: float | Sequence[float] | Tensor, n: int, name: str) -> list[float]:
-    if isinstance(value, Tensor):
-        value = value.flatten().tolist()
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries for a batch of {n} samples")
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite, got {values[:5]}...")
-    return values
+        passes += int(mode.gradient)
+    return float(nfe), float(passes)

@@ -1,8 +1,8 @@
 """Samplers on a respaced subset of the training timesteps: DDIM (η) and DDPM ancestral.
 
-One loop serves every guidance method: the GuidedDenoiser supplies ε (CFG already applied) and,
-when classifier guidance is on, the scaled gradient s·∇log p(y|x_t); the sampler applies it in
-the form that matches its update (ε-form for DDIM, mean-form for ancestral).
+One loop serves every guidance method: the GuidedDenoiser returns the rule's guided ε and its extra score
+term, and the sampler applies that term in the form its update needs (ε-form for DDIM via
+`condition_score`, mean-form for ancestral via `condition_mean`). Samplers know no method names.
 
 Every per-step scalar (timestep, ᾱ terms, σ, guidance weight, noise stream) is computed on the host
 before the loop and handed to the step as one row of a device tensor. A step is therefore pure
@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .guidance import GuidedDenoiser, StepMode
+from .denoiser import GuidedDenoiser
+from .guidance import StepMode, condition_mean, condition_score
 from .noise import keyed_normal
+from .options import COMPILE_MODES, SAMPLERS
 from .schedule import respaced_timesteps
 
-SAMPLERS = ("ddim", "ddpm")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Columns of the per-step table: t, guidance weight, noise stream, √ᾱ_t, √(1−ᾱ_t), then the update's
 # own coefficients (DDIM: √ᾱ_s, √(1−ᾱ_s−σ²), σ; DDPM: x̂0 and x_t posterior weights, √var, CG weight).
 _T, _W, _STREAM, _A_T, _B_T, _C0, _C1, _C2, _C3 = range(9)
@@ -72,9 +72,8 @@ def ddim_step(den: GuidedDenoiser, x: Tensor, row: Tensor, keys: Tensor, mode: S
               clip_x0: bool) -> Tensor:
     """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
     t, w, stream = _unpack(x, row)
-    eps = den.guided_eps(x, t, w, mode)
-    if mode.classifier:
-        eps = eps - row[_B_T] * den.scaled_grad(x, t, w)
+    guided = den(x, t, w, mode)
+    eps = condition_score(guided.eps, guided.score, row[_B_T])
     x0 = _x0_from_eps(x, eps, row)
     if clip_x0:
         # Recompute ε from the clipped x_0, else large guidance scales collapse (DESIGN.md).
@@ -90,12 +89,11 @@ def ddpm_step(den: GuidedDenoiser, x: Tensor, row: Tensor, keys: Tensor, mode: S
               clip_x0: bool) -> Tensor:
     """x_t → x_s by the posterior q(x_s | x_t, x̂_0) of the (respaced) chain, fixed-small variance. CG in mean-form."""
     t, w, stream = _unpack(x, row)
-    x0 = _x0_from_eps(x, den.guided_eps(x, t, w, mode), row)
+    guided = den(x, t, w, mode)
+    x0 = _x0_from_eps(x, guided.eps, row)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-    mean = row[_C0] * x0 + row[_C1] * x
-    if mode.classifier:
-        mean = mean + row[_C3] * den.scaled_grad(x, t, w)
+    mean = condition_mean(row[_C0] * x0 + row[_C1] * x, guided.score, row[_C3])
     if noisy:
         mean = mean + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
     return mean
@@ -121,11 +119,13 @@ def compiled_step(sampler: str, mode: str = "default", backend: str | Callable =
 @torch.no_grad()
 def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int, sampler: str = "ddim",
            eta: float = 0.0, clip_x0: bool = True, progress: bool = False, desc: str = "sampling",
-           compile: str | None = None, compile_backend: str | Callable = "inductor") -> Tensor:
+           compile: str | None = None, compile_backend: str | Callable = "inductor",
+           callback: Callable[[int], None] | None = None) -> Tensor:
     """Draw len(keys) samples of `shape` (C, H, W); sample i starts from the noise of keys[i].
 
     With clip_x0 the data range is [-1, 1]: predicted x_0 is clipped each step and the result too.
     `compile` is a torch.compile mode (None = eager; "reduce-overhead" adds CUDA graphs on GPUs).
+    `callback(i)` runs on the host after step i (progress bars; it must not read the device).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -139,7 +139,6 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int
     x = keyed_normal(keys, 0, tuple(shape))
     for i, (t, _) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
         mode = den.mode(t)
-        den.count(mode)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         x = step(den, x, table[i], keys, mode, noisy, clip_x0)
@@ -147,4 +146,6 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int
             # Own the state: a graph output fed back as the next input can be overwritten by that very
             # replay (pytorch#170604, #184102). One copy of the batch per step, negligible next to the UNet.
             x = x.clone()
+        if callback is not None:
+            callback(i)
     return x.clamp(-1, 1) if clip_x0 else x

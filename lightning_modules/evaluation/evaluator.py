@@ -246,6 +246,23 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             os.remove(tmp)
 
 
+def _load_cached_evaluator(path: Path, net: EvaluatorNet) -> float | None:
+    """Load the cache file into `net` and return its held-out accuracy; None when there is no file, or, with a
+    warning naming the file, when it is unreadable, corrupt or does not fit `net` (the caller then retrains
+    and atomically rewrites it, instead of dying on a raw torch error that names no file)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["state_dict"])  # strict: missing keys or wrong shapes raise
+        acc = float(blob["heldout_accuracy"])
+    except Exception as err:  # truncated zip, garbage bytes, missing keys, wrong shapes, ...
+        log.warning("Evaluator cache %s is unreadable, corrupt or does not fit the network (%s: %s): "
+                    "retraining and rewriting it", path, type(err).__name__, err)
+        return None
+    return acc
+
+
 def load_or_train_evaluator(
     x_train: Tensor,
     y_train: Tensor,
@@ -280,11 +297,10 @@ def load_or_train_evaluator(
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"evaluator-{_safe(dataset_id)}-{key}.pt"
 
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        net = EvaluatorNet(x_train.shape[1], num_classes, hparams["width"], hparams["num_features"])
-        net.load_state_dict(blob["state_dict"])
-        acc = float(blob["heldout_accuracy"])
+    net = EvaluatorNet(x_train.shape[1], num_classes, hparams["width"], hparams["num_features"])
+    cached_acc = _load_cached_evaluator(path, net)
+    if cached_acc is not None:
+        acc = cached_acc
         log.info("Evaluator %s loaded from %s: held-out accuracy %.4f", dataset_id, path, acc)
     else:
         t0 = time.perf_counter()

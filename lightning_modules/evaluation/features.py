@@ -7,7 +7,10 @@ clean-data "evaluator" for the embedded digits (see `evaluator.py`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import re
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -17,6 +20,9 @@ from torch import Tensor
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # The option of the guidance-sweep callback that carries a local weights path (named in error messages).
 INCEPTION_WEIGHTS_OPTION = "inception_weights"
+INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILENAME}"
+# torch.hub's naming convention: `<name>-<first 8+ hex of the file's SHA-256>.<ext>`.
+_HUB_HASH = re.compile(r"-([0-9a-f]{8,})\.pth$")
 
 
 @runtime_checkable
@@ -67,6 +73,30 @@ def check_inception_weights(weights_path: str | os.PathLike | None) -> Path:
     )
 
 
+def load_inception_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
+    """(state dict, SHA-256 hex) of a weights file, read once and never unpickled beyond plain tensors.
+
+    torch-fidelity would `torch.load(path, weights_only=False)`, which runs any code a crafted file names.
+    Here the bytes are read once, checked against the hash prefix in a torch.hub-style file name, and
+    loaded with `weights_only=True`; the caller hands torch-fidelity only what was loaded from these bytes.
+    """
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    fix = f"Fix: delete it and download {INCEPTION_WEIGHTS_FILENAME} again from {INCEPTION_WEIGHTS_URL}."
+    expected = _HUB_HASH.search(path.name)
+    if expected and not digest.startswith(expected.group(1)):
+        raise ValueError(f"Inception weights {path}: SHA-256 {digest[:16]}... does not start with "
+                         f"{expected.group(1)} as its name says - a corrupt, truncated or wrong file. {fix}")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError (crafted), RuntimeError (truncated zip), EOFError, ...
+        raise ValueError(f"Inception weights {path} are not a plain state dict of tensors, or are corrupt: "
+                         f"{type(err).__name__}: {err}. {fix}") from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"Inception weights {path} are not a plain state dict (name -> tensor). {fix}")
+    return state, digest
+
+
 def to_uint8_range(x: Tensor) -> Tensor:
     """[-1, 1] float -> uint8 0..255 by rounding (not truncating), grey repeated to RGB.
 
@@ -86,7 +116,8 @@ class InceptionExtractor:
     """torch-fidelity's Inception-v3 (TF-2015 weights): 2048-d pool features and 1008 unbiased logits.
 
     We use the network only, not torch-fidelity's feature cache: its cache key ignores the weights file,
-    so our `extractor_id` carries the weights file name and size instead.
+    so our `extractor_id` carries the SHA-256 of the weights instead. The file is verified and loaded with
+    `weights_only=True` by `load_inception_state_dict` before torch-fidelity sees anything.
     """
 
     num_features = 2048
@@ -101,16 +132,23 @@ class InceptionExtractor:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         self.weights_path = path
+        state, digest = load_inception_state_dict(path)
+        # torch-fidelity torch.load()s whatever it is given with weights_only=False: it gets an in-memory
+        # re-serialisation of the verified tensors, never the file (which could change after our check).
+        verified = io.BytesIO()
+        torch.save(state, verified)
+        verified.seek(0)
+        del state
         # fp32 at 299x299: batches of 256 keep a GPU busy; 64 bounds CPU memory.
         self.batch_size = batch_size or (256 if torch.device(device).type == "cuda" else 64)
         self.model = FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=str(path),
+            feature_extractor_weights_path=verified,
             verbose=False,
         )
         self.model.eval().requires_grad_(False).to(device)
-        self.extractor_id = f"inception-v3-compat-{path.name}-{path.stat().st_size}"
+        self.extractor_id = f"inception-v3-compat-sha256-{digest[:16]}"
 
     @property
     def device(self) -> torch.device:

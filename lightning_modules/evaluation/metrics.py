@@ -222,6 +222,32 @@ def reference_cache_path(cache_dir: str | Path, key: str, extractor_id: str) -> 
     return Path(cache_dir) / f"ref-{_safe(key)}-{digest}.pt"
 
 
+def _load_reference_cache(path: Path, extractor: FeatureExtractor) -> Tensor | None:
+    """Cached (N, d) float32 features, or None: no file, or (with a warning naming the file) one that is
+    unreadable, corrupt, of another extractor or of the wrong shape; the caller recomputes and atomically
+    rewrites it, instead of dying on a raw torch error that names no file."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, garbage bytes, unreadable file, ...
+        log.warning("Reference cache %s is unreadable or corrupt (%s: %s): recomputing and rewriting it",
+                    path, type(err).__name__, err)
+        return None
+    if not isinstance(blob, dict) or blob.get("extractor_id") != extractor.extractor_id:
+        log.warning("Reference cache %s was not written by extractor %s: recomputing and rewriting it",
+                    path, extractor.extractor_id)
+        return None
+    feats = blob.get("features")
+    if not (isinstance(feats, Tensor) and feats.dtype == torch.float32 and feats.dim() == 2
+            and len(feats) > 0 and feats.shape[1] == extractor.num_features):
+        shape = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        log.warning("Reference cache %s holds %s, not (N, %d) float32 features: recomputing and rewriting it",
+                    path, shape, extractor.num_features)
+        return None
+    return feats
+
+
 @torch.no_grad()
 def reference_features(
     images: Tensor | Iterable,
@@ -237,11 +263,9 @@ def reference_features(
     the extractor identity is added to the file name by this function.
     """
     path = reference_cache_path(cache_dir, key, extractor.extractor_id)
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("extractor_id") == extractor.extractor_id:
-            return blob["features"]
-        log.warning("Reference cache %s was written by another extractor: recomputing", path)
+    cached = _load_reference_cache(path, extractor)
+    if cached is not None:
+        return cached
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
     feats = []
     for batch in batches:

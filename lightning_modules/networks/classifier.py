@@ -5,7 +5,7 @@ GroupNorm only (no BatchNorm): the guidance gradient of sample i must depend on 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,14 @@ class EncoderClassifier(nn.Module):
     forward(x_t, t) -> logits (B, num_classes). `t` must be the diffusion model's original training
     timestep (0..T-1), even when the sampler uses respaced steps.
     """
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping) -> EncoderClassifier:
+        """The classifier that a NoisyClassifier with these hyperparameters (a checkpoint's) builds."""
+        return cls(hp["image_size"], hp["channels"], hp["num_classes"], base_channels=hp["base_channels"],
+                   channel_mult=tuple(hp["channel_mult"]), num_res_blocks=hp["num_res_blocks"],
+                   attention_resolutions=tuple(hp["attention_resolutions"]), dropout=hp["dropout"],
+                   num_heads=hp["num_heads"], pool=hp["pool"])
 
     def __init__(
         self,

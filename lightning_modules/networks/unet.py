@@ -8,7 +8,7 @@ Row `num_classes` of each class table is the null label (the unconditional branc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -52,6 +52,15 @@ class UNet(nn.Module):
     size is in `attention_resolutions` (self-attention) or `cross_attention_resolutions` (cross-
     attention to label tokens). As in ADM, sizes that never occur are ignored.
     """
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping) -> UNet:
+        """The UNet that a ConditionalDiffusion with these hyperparameters (a checkpoint's) builds."""
+        return cls(hp["image_size"], hp["channels"], hp["num_classes"], base_channels=hp["base_channels"],
+                   channel_mult=tuple(hp["channel_mult"]), num_res_blocks=hp["num_res_blocks"],
+                   attention_resolutions=tuple(hp["attention_resolutions"]),
+                   cross_attention_resolutions=tuple(hp["cross_attention_resolutions"]), dropout=hp["dropout"],
+                   num_heads=hp["num_heads"], norm=hp["norm"])
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Plots of a sweep: PNG files next to sweep.csv, and the same views as W&B charts."""
+"""Plots of a sweep: PNG files next to sweep.csv (the W&B charts show the same views)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .sweep_io import COLUMNS, aggregate  # noqa: E402
+from .tables import aggregate  # noqa: E402
 
 METRICS = ("fid", "kid", "score", "precision", "recall", "accuracy")
 
@@ -54,27 +54,3 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def log_to_wandb(run, rows: list[dict], plot_paths: list[Path]) -> None:
-    """All methods on one chart per metric (vs scale and vs γ), the table of every cell, the PNGs."""
-    import wandb
-
-    table = wandb.Table(columns=COLUMNS, data=[[r.get(c) for c in COLUMNS] for r in rows])
-    payload = {"sweep/table": table}
-    for metric in METRICS:
-        curves = aggregate(rows, metric)
-        methods = list(curves)
-        for axis, index in (("scale", 0), ("gamma", 1)):
-            payload[f"sweep/{metric}_vs_{axis}"] = wandb.plot.line_series(
-                xs=[[p[index] for p in curves[m]] for m in methods], ys=[[p[2] for p in curves[m]] for m in methods],
-                keys=methods, title=f"{metric} vs {axis}", xname=axis)
-    for path in plot_paths:
-        payload[f"sweep/plots/{path.stem}"] = wandb.Image(str(path))
-    run.log(payload)
-    # The run summary would otherwise hold the *last* logged scale's FID; W&B sweeps rank runs by
-    # the summary, so give them the best FID over scales (mean over seeds) per method.
-    for method, points in aggregate(rows, "fid").items():
-        best = min(points, key=lambda p: p[2])
-        run.summary[f"sweep/{method}/best_fid"] = best[2]
-        run.summary[f"sweep/{method}/best_scale"] = best[0]

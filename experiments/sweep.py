@@ -1,0 +1,125 @@
+"""Sweep guidance on trained checkpoints, without a Trainer.
+
+    python -m experiments.sweep --diffusion runs/.../checkpoints/last.ckpt \
+        --config configs/experiments/digits_sweep.yaml --sweep.classifier_ckpt runs/.../last.ckpt \
+        --sweep.seeds '[0, 1]' --sweep.scales '{"cfg": [0, 1, 2]}' --sweep.output_dir runs/my-sweep
+
+Options come from `--config` YAML files (their `sweep:` section; a recipe's `trainer:` section is ignored)
+and `--sweep.*` flags, exactly as in `python -m experiments.train validate`. The data set is the one the
+diffusion model was trained on (read from its checkpoint; `--data_dir` if the files moved). Ends with the
+best-FID table and the output paths. Add `--wandb true` to log the sweep as a W&B run (mode from
+WANDB_MODE; offline needs no account).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from lightning_modules.diffusion import OptionError
+from lightning_modules.sweep import (
+    SweepConfig,
+    SweepModels,
+    SweepStore,
+    build_evaluation,
+    check_extractor_available,
+    check_writable,
+    format_table,
+    load_classifier,
+    load_diffusion,
+    resolve_extractor,
+    run_sweep,
+    summary,
+)
+from lightning_modules.sweep.models import read_checkpoint
+from lightning_modules.sweep.plots import save_plots
+
+SUMMARY_COLUMNS = ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std", "nfe_per_sample",
+                   "classifier_grads_per_sample", "seconds_per_sample", "seeds"]
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file(s) with a `sweep:` section")
+    p.add_argument("--diffusion", type=str, required=True, help="ConditionalDiffusion checkpoint (.ckpt)")
+    p.add_argument("--data_dir", type=str | None, default=None, help="where the training data now lives")
+    p.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--wandb", type=bool, default=False, help="also log the sweep as a W&B run (job type 'sweep')")
+    p.add_argument("--trainer", type=dict | None, default=None, help="ignored: a LightningCLI recipe's trainer")
+    p.add_class_arguments(SweepConfig, "sweep", instantiate=True)
+    return p
+
+
+def datamodule_from(path: str, image_size: int, data_dir: str | None):
+    """The DataModule the diffusion model was trained with, rebuilt from its checkpoint."""
+    from datamodules import ImageDataModule
+
+    saved = read_checkpoint(path, "diffusion").get("datamodule_hyper_parameters") or {"name": "digits"}
+    names = inspect.signature(ImageDataModule.__init__).parameters
+    kwargs = {k: v for k, v in saved.items() if k in names and k != "image_size"}
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    return ImageDataModule(**kwargs, image_size=image_size)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = parser()
+    args = p.instantiate(p.parse_args(argv))
+    config: SweepConfig = args.sweep
+    if not config.methods:
+        p.error("no methods to sweep: give --sweep.methods '[cfg, cg_cond]' or a --config with sweep.methods")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    # Everything that can fail is checked before any sampling.
+    diffusion = load_diffusion(args.diffusion, device)
+    config.check(timesteps=diffusion.hparams["timesteps"])
+    data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir)
+    check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
+    out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
+    classifier = load_classifier(config.classifier_ckpt, device) if config.classifier_ckpt else None
+    models = SweepModels(diffusion, classifier)
+    store = SweepStore(out_dir)
+    evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
+                                  config.reference_split, device)
+    run = _wandb_run(config, args) if args.wandb else None
+    on_cell = None
+    if run is not None:
+        from callbacks.sweep_wandb import log_cell
+
+        def on_cell(row, grid):
+            log_cell(run, row, grid)
+    autocast = torch.bfloat16 if config.precision == "bf16" else None
+    rows = run_sweep(config, models, evaluation, store, autocast_dtype=autocast, on_cell=on_cell)
+    plots = save_plots(rows, out_dir)
+    if run is not None:
+        from callbacks.sweep_wandb import log_sweep
+
+        log_sweep(run, rows, plots)
+        run.finish()
+    print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
+    print(format_table(summary(rows), SUMMARY_COLUMNS))
+    print(f"\ndiffusion:   {args.diffusion} (step {diffusion.step}, sha {diffusion.sha})")
+    if classifier is not None:
+        print(f"classifier:  {config.classifier_ckpt} (step {classifier.step}, sha {classifier.sha})")
+    print(f"sweep table: {store.csv_path}\nplots:       {out_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, "
+          f"front_*.png)\ngrids:       {out_dir}/grids/")
+    return rows
+
+
+def _wandb_run(config: SweepConfig, args):
+    import dataclasses
+
+    import wandb
+
+    return wandb.init(project="guidelab", job_type="sweep", dir=str(config.output_dir or "."),
+                      config={"sweep": dataclasses.asdict(config), "diffusion": args.diffusion})
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except OptionError as err:  # a bad setting: one message, no traceback
+        sys.exit(f"error: {err}")

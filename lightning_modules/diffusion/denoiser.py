@@ -1,0 +1,93 @@
+"""The guided denoiser: a network, a rule and per-sample scales become one hook the samplers call.
+
+The denoiser evaluates exactly the predictions the rule's step mode asks for (both CFG branches as one
+batched forward, conditional first), converts the network output to ε, takes the classifier gradient
+through a gradient function (it never sees a classifier), and hands everything to the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .guidance import GradFn, GuidanceRule, Guided, Predictions, StepMode, guidance_weight, make_rule
+from .options import GuidanceOptions
+from .schedule import NoiseSchedule
+
+Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> model output (ε or v)
+
+
+class GuidedDenoiser:
+    """Guided ε for one batch: labels, rule and per-sample scales fixed at creation.
+
+    `scales` are the rule's native scales, one per sample (or one for all), so every scale of a sweep runs
+    as one batched pass. `grad_fn(x, t, y)` returns ∇_x log p(y | x_t); rules that need it fail without it.
+    """
+
+    def __init__(self, net: Network, schedule: NoiseSchedule, labels: Tensor, null_label: int,
+                 rule: GuidanceRule | str = "none", scales: float | Sequence[float] | Tensor = 1.0, *,
+                 grad_fn: GradFn | None = None, prediction: str = "eps",
+                 options: GuidanceOptions | None = None) -> None:
+        self.rule = make_rule(rule, options) if isinstance(rule, str) else rule
+        self.rule.options.check(schedule.timesteps)
+        self.scales_host = _per_sample(scales, len(labels))
+        self._distinct = sorted(set(self.scales_host))  # decided on the host: no per-step device sync
+        if grad_fn is None and any(self.rule.needs_gradient(s) for s in self._distinct):
+            raise ValueError(f"method {self.rule.name!r} at scales {self._distinct} takes classifier gradients: "
+                             "give a gradient function (a noisy classifier checkpoint, classifier_ckpt)")
+        self.net, self.schedule, self.prediction, self.grad_fn = net, schedule, prediction, grad_fn
+        self.labels = labels
+        self.null = torch.full_like(labels, null_label)
+        self.scale = torch.tensor(self.scales_host, device=labels.device)
+
+    def weight(self, t: int) -> float:
+        """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
+        return guidance_weight(t, self.schedule.timesteps, self.rule.options)
+
+    def mode(self, t: int) -> StepMode:
+        """Which evaluations step t needs (host side: no device sync)."""
+        return self.rule.mode(self._distinct, self.weight(t))
+
+    def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        out = self.net(x, t, y).float()
+        return self.schedule.eps_from_output(self.prediction, out, x, t)
+
+    def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode) -> Guided:
+        """The guided prediction at training indices t (B,) with guidance weight w (0-d tensor).
+
+        Pure tensor code (no host reads), so a sampler may compile it into its step.
+        """
+        p = Predictions(x, t)
+        if mode.branches == ("cond", "uncond"):
+            # One batched forward; chunk order is fixed: conditional first, null label second.
+            both = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, self.null]))
+            p.cond, p.uncond = both.chunk(2)
+        elif mode.branches == ("cond",):
+            p.cond = self._eps(x, t, self.labels)
+        elif mode.branches == ("uncond",):
+            p.uncond = self._eps(x, t, self.null)
+        if mode.gradient:
+            assert self.grad_fn is not None
+            p.grad = self.grad_fn(x, t, self.labels)  # the ORIGINAL training indices, also when respaced
+        return self.rule.combine(p, self.scale, w)
+
+    def at(self, x: Tensor, t: int) -> Guided:
+        """The guided prediction at one training index (for direct use and tests; samplers call __call__)."""
+        t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        return self(x, t_batch, torch.tensor(self.weight(t), device=x.device), self.mode(t))
+
+
+def _per_sample(value: float | Sequence[float] | Tensor, n: int) -> list[float]:
+    if isinstance(value, Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (int, float)):
+        value = [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"scales has {len(values)} entries for a batch of {n} samples")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"scales must be finite, got {values[:5]}...")
+    return values

@@ -1,0 +1,106 @@
+"""Option objects that travel whole from a config to the maths, each checked once, up front.
+
+`OptionError` is the one error for a bad setting: it names the option, what is wrong and the fix, so a
+sweep or a fit fails before any training or sampling rather than after it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+SCALE_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class OptionError(ValueError):
+    """A setting that cannot work: names the option, the problem and the fix."""
+
+    def __init__(self, option: str, problem: str, fix: str) -> None:
+        self.option = option
+        super().__init__(f"option `{option}`: {problem}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class GuidanceOptions:
+    """Settings every guidance rule shares (the scale itself is per cell).
+
+    Args:
+        interval: guide only at training timesteps t with lo <= t <= hi (original indices 0..T-1); outside
+            the band a sample is plain conditional (or unconditional) sampling. null = every step.
+        scale_schedule: how the guidance beyond the base branch ramps over sampling: constant, linear or
+            cosine (0 at pure noise, full at the data end).
+        cfg_rescale: φ of Lin et al. (2023): blend the CFG output towards the conditional prediction's
+            per-sample std, in [0, 1]; 0 = off.
+        combo_cg_scale: the classifier-guidance scale of method 'cfg+cg' (its CFG scale is the swept one).
+    """
+
+    interval: tuple[int, int] | None = None
+    scale_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    cfg_rescale: float = 0.0
+    combo_cg_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Checked by whoever consumes the options (with the model's timesteps and the option's full name).
+        if self.interval is not None:
+            object.__setattr__(self, "interval", tuple(self.interval))
+
+    def check(self, timesteps: int | None = None, prefix: str = "") -> None:
+        """Raise OptionError for the first bad setting; with `timesteps`, also check the interval's range."""
+        if self.interval is not None:
+            if len(self.interval) != 2 or not all(isinstance(v, int) for v in self.interval) \
+                    or self.interval[0] > self.interval[1]:
+                raise OptionError(f"{prefix}interval", f"{list(self.interval)} is not a [lo, hi] band with lo <= hi",
+                                  "give training timesteps in increasing order, e.g. [0, 600]")
+            if self.interval[0] < 0 or (timesteps is not None and self.interval[1] > timesteps - 1):
+                top = "T-1" if timesteps is None else str(timesteps - 1)
+                raise OptionError(f"{prefix}interval", f"{list(self.interval)} leaves the timestep range [0, {top}]",
+                                  f"choose lo >= 0 and hi <= {top}")
+        if self.scale_schedule not in SCALE_SCHEDULES:
+            raise OptionError(f"{prefix}scale_schedule", f"unknown schedule {self.scale_schedule!r}",
+                              f"choose one of {list(SCALE_SCHEDULES)}")
+        if not (math.isfinite(self.cfg_rescale) and 0.0 <= self.cfg_rescale <= 1.0):
+            raise OptionError(f"{prefix}cfg_rescale", f"φ = {self.cfg_rescale} is outside [0, 1]",
+                              "use 0 (off) up to 1 (full rescale); 0.7 is the paper's value")
+        if not math.isfinite(self.combo_cg_scale):
+            raise OptionError(f"{prefix}combo_cg_scale", f"{self.combo_cg_scale} is not a finite number",
+                              "give a finite classifier-guidance scale for 'cfg+cg'")
+
+
+SAMPLERS = ("ddim", "ddpm")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How samples are drawn.
+
+    Args:
+        sampler: ddim (ε-form guidance, η below) or ddpm (ancestral, fixed-small variance, mean-form guidance).
+        steps: sampling steps, evenly respaced over the training timesteps.
+        eta: DDIM's η >= 0: 0 is deterministic DDIM, 1 is DDPM-like noise.
+        clip_x0: clip the predicted x₀ to [-1, 1] and recompute ε from it at every step.
+        compile: null (eager) or a torch.compile mode for the whole sampler step: default, reduce-overhead
+            (adds CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
+    """
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    clip_x0: bool = True
+    compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+
+    def check(self, timesteps: int | None = None, prefix: str = "") -> None:
+        """Raise OptionError for the first bad setting; with `timesteps`, also check the step count's range."""
+        if self.sampler not in SAMPLERS:
+            raise OptionError(f"{prefix}sampler", f"unknown sampler {self.sampler!r}", f"choose one of {list(SAMPLERS)}")
+        top = "T" if timesteps is None else str(timesteps)
+        if not isinstance(self.steps, int) or self.steps < 1 or (timesteps is not None and self.steps > timesteps):
+            raise OptionError(f"{prefix}steps", f"{self.steps!r} sampling steps is outside [1, {top}]",
+                              "give at least 1 step and at most the model's training timesteps")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise OptionError(f"{prefix}eta", f"η = {self.eta} is not a finite number >= 0",
+                              "use 0 (deterministic DDIM) up to 1 (DDPM-like)")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise OptionError(f"{prefix}compile", f"unknown torch.compile mode {self.compile!r}",
+                              f"use null (eager) or one of {list(COMPILE_MODES)}")

@@ -1,0 +1,34 @@
+"""The guidance-sweep engine in pure torch (importing it imports no Lightning).
+
+    config = SweepConfig(methods=["cfg", "cg_cond"], ...)          # validated settings
+    models = SweepModels(load_diffusion(path), load_classifier(path))
+    evaluation = build_evaluation(...)                                # extractor + reference statistics
+    rows = run_sweep(config, models, evaluation, SweepStore(out_dir))
+
+Callers: callbacks.GuidanceSweep (Lightning), `python -m experiments.sweep`, experiments.benchmark.
+"""
+
+from .config import DEFAULT_SCALES, SweepConfig
+from .engine import (
+    Distributed,
+    Job,
+    JobResult,
+    SingleProcess,
+    generate_images,
+    plan_jobs,
+    run_job,
+    run_sweep,
+    signature,
+)
+from .evaluation import Evaluation, build_evaluation, check_extractor_available, resolve_extractor
+from .models import Network, SweepModels, check_compatible, load_classifier, load_diffusion, weights_hash
+from .store import COLUMNS, SweepStore, check_writable
+from .tables import aggregate, format_table, summary
+
+__all__ = [
+    "COLUMNS", "DEFAULT_SCALES", "Distributed", "Evaluation", "Job", "JobResult", "Network", "SingleProcess",
+    "SweepConfig", "SweepModels", "SweepStore", "aggregate", "build_evaluation", "check_compatible",
+    "check_extractor_available", "check_writable", "format_table", "generate_images", "load_classifier",
+    "load_diffusion", "plan_jobs", "resolve_extractor", "run_job", "run_sweep", "signature", "summary",
+    "weights_hash",
+]

@@ -1,0 +1,123 @@
+"""The sweep's settings: one object from the YAML/command line to the engine, checked before any work.
+
+Every problem is an `OptionError` naming the option (as `sweep.<name>`), what is wrong and the fix, raised
+before training or sampling starts: a typo in a scale key or a NaN in a later method's grid must not let
+earlier cells sample and write first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lightning_modules.diffusion import METHODS, GuidanceOptions, OptionError, SamplerOptions, make_rule
+
+DEFAULT_SCALES = {"cfg": [0.0, 1.0, 1.5, 2.0, 3.0, 5.0], "cg_cond": [0.0, 0.5, 1.0, 2.0, 4.0],
+                  "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0]}
+EXTRACTORS = ("auto", "evaluator", "inception")
+PRECISIONS = ("auto", "32", "bf16")
+P = "sweep."  # how options are named in messages: the LightningCLI group and the YAML key
+
+
+@dataclass
+class SweepConfig:
+    """A guidance sweep: methods × scales × seeds, each cell `num_samples` images on paired noise.
+
+    Args:
+        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, none. Empty = no sweep.
+        scales: native scales per method, e.g. {"cfg": [0, 1, 2], "cg_cond": [0, 1]}; a method not named
+            keeps its default grid. Keys must be listed in `methods`.
+        seeds: sampling seeds; each is a full repeat of every cell (mean ± std over seeds).
+        num_samples: images per (method, scale, seed) cell; labels cycle through the classes.
+        batch_size: images per sampler call (all scales of a method share chunks).
+        sampling: sampler, steps, eta, clip_x0 and compile (see SamplerOptions).
+        guidance: options every rule shares: interval, scale_schedule, cfg_rescale, combo_cg_scale.
+        classifier_ckpt: noisy-classifier checkpoint for classifier-guided methods.
+        extractor: feature network for FID & co: auto (evaluator for digits/MNIST/Fashion-MNIST, Inception
+            otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file).
+        inception_weights: local weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).
+        reference_split: real-data split the sample statistics are compared with.
+        cache_dir: where the evaluator and reference features are cached.
+        output_dir: where sweep.csv / sweep.json / plots / grids go (default: <run dir>/sweep).
+        grid_size: images per cell kept for the sample grids (the first of each cell).
+        precision: autocast for sampling: auto (the trainer's), 32 or bf16. Features are always float32.
+        every_n_epochs: during fit, sweep every N epochs (0 = never).
+        on_fit_end: during fit, sweep once when training ends.
+        progress: show a progress bar over all cells and sampling steps, with ETA.
+    """
+
+    methods: list[str] = field(default_factory=list)
+    scales: dict[str, list[float]] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_samples: int = 500
+    batch_size: int = 2048
+    sampling: SamplerOptions = field(default_factory=lambda: SamplerOptions(steps=25))
+    guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
+    classifier_ckpt: str | None = None
+    extractor: Literal["auto", "evaluator", "inception"] = "auto"
+    inception_weights: str | None = None
+    reference_split: Literal["train", "val"] = "train"
+    cache_dir: str = ".cache/guidelab"
+    output_dir: str | None = None
+    grid_size: int = 40
+    precision: Literal["auto", "32", "bf16"] = "auto"
+    every_n_epochs: int = 0
+    on_fit_end: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplerOptions(**self.sampling)
+        if isinstance(self.guidance, dict):
+            self.guidance = GuidanceOptions(**self.guidance)
+        self.methods = list(self.methods)
+        self.seeds = list(self.seeds)
+        self.check()
+
+    @property
+    def grids(self) -> dict[str, list[float]]:
+        """The scale grid of every method (given, or its default)."""
+        return {m: [float(s) for s in (self.scales or {}).get(m, DEFAULT_SCALES[m])] for m in self.methods}
+
+    def check(self, timesteps: int | None = None) -> None:
+        """Raise OptionError for the first problem; with the model's `timesteps`, check ranges too."""
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or len(set(self.methods)) != len(self.methods):
+            raise OptionError(f"{P}methods", f"{self.methods} has unknown or repeated methods {unknown}",
+                              f"list each of {list(METHODS)} at most once")
+        stray = sorted(set(self.scales or {}) - set(self.methods))
+        if stray:
+            raise OptionError(f"{P}scales", f"keys {stray} are not among the swept methods {self.methods}",
+                              f"fix the spelling, or add them to {P}methods")
+        for method, grid in self.grids.items():
+            if not grid:
+                raise OptionError(f"{P}scales.{method}", "the scale list is empty", "give at least one scale")
+            if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in grid):
+                raise OptionError(f"{P}scales.{method}", f"{grid} holds a value that is not a finite number",
+                                  "give finite numbers")
+            if len(set(grid)) != len(grid):
+                raise OptionError(f"{P}scales.{method}", f"{grid} repeats a scale", "list each scale once")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed", "give distinct seeds, e.g. [0, 1]")
+        for name, value, least in (("num_samples", self.num_samples, 2), ("batch_size", self.batch_size, 1),
+                                   ("grid_size", self.grid_size, 1), ("every_n_epochs", self.every_n_epochs, 0)):
+            if not isinstance(value, int) or value < least:
+                raise OptionError(f"{P}{name}", f"{value!r} is below {least}",
+                                  "FID & co need at least 2 samples per cell" if name == "num_samples"
+                                  else f"give an integer >= {least}")
+        if self.extractor not in EXTRACTORS:
+            raise OptionError(f"{P}extractor", f"unknown extractor {self.extractor!r}", f"choose one of {list(EXTRACTORS)}")
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"{P}precision", f"unknown precision {self.precision!r}", f"choose one of {list(PRECISIONS)}")
+        if self.reference_split not in ("train", "val"):
+            raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
+        self.sampling.check(timesteps, prefix=f"{P}sampling.")
+        self.guidance.check(timesteps, prefix=f"{P}guidance.")
+        if self.needs_classifier and not self.classifier_ckpt:
+            raise OptionError(f"{P}classifier_ckpt", f"methods {self.methods} take classifier gradients",
+                              "pass a noisy-classifier checkpoint: --sweep.classifier_ckpt=PATH/last.ckpt")
+
+    @property
+    def needs_classifier(self) -> bool:
+        return any(make_rule(m, self.guidance).needs_gradient(s) for m, grid in self.grids.items() for s in grid)

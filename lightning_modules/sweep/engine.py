@@ -1,0 +1,194 @@
+"""The sweep engine: plan → chunks → samples → features → cross-rank reduction → metrics → rows → store.
+
+One engine, thin callers: the Lightning callback (hooks, ranks, W&B), `python -m experiments.sweep` and the
+benchmark all run `run_sweep` / `run_job`. All scales of a method run as one batched pass (per-sample scale
+vectors); item i of a job is sample i % n at scale index i // n, and sample i's noise is a hash of
+(seed, i), so every cell starts from the same noise on any batch size or number of ranks. Rank r takes
+items r, r + W, ...; each item is produced by exactly one rank, so summing zero-padded buffers is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_modules.diffusion import GuidedDenoiser, cell_cost, make_rule, sample, sample_keys
+
+from .config import SweepConfig
+from .evaluation import Evaluation
+from .models import SweepModels
+from .store import SweepStore, png_bytes
+
+ENGINE_VERSION = 2  # part of every cell's signature: bump when the engine's numbers change
+
+
+class Distributed(Protocol):
+    """What the engine needs from a process group (injected, so the engine imports no Lightning)."""
+
+    rank: int
+    world: int
+
+    def all_sum(self, tensor: Tensor) -> None: ...  # in place
+    def broadcast(self, obj: object) -> object: ...  # rank 0's value to every rank
+
+
+class SingleProcess:
+    rank, world = 0, 1
+
+    def all_sum(self, tensor: Tensor) -> None:
+        pass
+
+    def broadcast(self, obj: object) -> object:
+        return obj
+
+
+SINGLE = SingleProcess()
+
+
+@dataclass(frozen=True)
+class Job:
+    """All remaining scales of one method for one seed: one batched pass."""
+
+    method: str
+    scales: tuple[float, ...]
+    seed: int
+
+
+@dataclass
+class JobResult:
+    rows: list[dict]
+    grids: list[Tensor]  # per scale: the first grid_size images of the cell
+    sampling_seconds: float
+    metrics_seconds: float
+
+
+def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, bf16: bool) -> str:
+    """Everything that makes two cells comparable; a cell with the same signature is not redone.
+
+    The networks enter by content hash (not path or step), with the extractor's weights, the reference
+    data's fingerprint and every sampling setting; only settings that cannot change a sample (batch size,
+    compile mode, progress) are left out.
+    """
+    sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
+    spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
+            "classifier": models.classifier.sha if models.classifier else None, "extractor": evaluation.extractor_id,
+            "reference": evaluation.reference_id, "num_samples": config.num_samples, "grid_size": config.grid_size,
+            "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_jobs(config: SweepConfig, store: SweepStore | None, sig: str) -> list[Job]:
+    """Every (seed, method) with the scales not yet done in the store."""
+    jobs = []
+    for seed in config.seeds:
+        for method, grid in config.grids.items():
+            todo = tuple(s for s in grid if store is None or not store.done(sig, method, s, seed))
+            if todo:
+                jobs.append(Job(method, todo, seed))
+    return jobs
+
+
+def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: Tensor,
+                    autocast_dtype: torch.dtype | None = None,
+                    on_step: Callable[[int], None] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(item indices, images in [-1, 1]) per chunk of `items`: the one sampling loop of every caller."""
+    n, device = config.num_samples, models.device
+    rule = make_rule(job.method, config.guidance)
+    s = config.sampling
+    for chunk in items.split(config.batch_size):
+        sample_idx, scale_idx = chunk % n, chunk // n
+        den = GuidedDenoiser(models.diffusion.net, models.schedule, (sample_idx % models.num_classes).to(device),
+                             models.num_classes, rule, [job.scales[j] for j in scale_idx.tolist()],
+                             grad_fn=models.grad_fn, prediction=models.prediction)
+        keys = sample_keys(job.seed, sample_idx).to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            images = sample(den, models.shape, keys, s.steps, s.sampler, s.eta, s.clip_x0, compile=s.compile,
+                            callback=on_step)
+        yield chunk, images.float()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, job: Job, sig: str, *,
+            dist: Distributed = SINGLE, autocast_dtype: torch.dtype | None = None,
+            on_step: Callable[[int], None] | None = None) -> JobResult:
+    """Sample, featurise and score every cell of a job; rows and grids are identical on every rank."""
+    n, device = config.num_samples, models.device
+    total, g = n * len(job.scales), min(config.grid_size, n)
+    feats = torch.zeros(total, evaluation.extractor.num_features, device=device)
+    logits = torch.zeros(total, evaluation.logit_width(models.shape, device), device=device)
+    grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
+    start, metrics_seconds = time.perf_counter(), 0.0
+    for chunk, images in generate_images(models, config, job, torch.arange(dist.rank, total, dist.world),
+                                         autocast_dtype, on_step):
+        _sync(device)
+        t0 = time.perf_counter()
+        f, lg = evaluation.extractor.extract(images)
+        index = chunk.to(device)
+        feats[index], logits[index] = f.to(device), lg.to(device)
+        in_grid = (chunk % n < g).to(device)
+        grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
+        _sync(device)
+        metrics_seconds += time.perf_counter() - t0
+    for tensor in (feats, logits, grid):
+        dist.all_sum(tensor)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    t0 = time.perf_counter()
+    labels = torch.arange(n) % models.num_classes
+    rule = make_rule(job.method, config.guidance)
+    rows = []
+    for j, scale in enumerate(job.scales):
+        part = slice(j * n, (j + 1) * n)
+        nfe, passes = cell_cost(rule, scale, models.schedule.timesteps, config.sampling.steps)
+        rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
+                     "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
+                     "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
+                     **evaluation.score(feats[part], logits[part], labels), "seconds": seconds / len(job.scales),
+                     "seconds_per_sample": seconds / total, **models.identity(),
+                     "extractor": evaluation.extractor_id, "signature": sig})
+    metrics_seconds += time.perf_counter() - t0
+    grids = [grid[j * g:(j + 1) * g].cpu() for j in range(len(job.scales))]
+    return JobResult(rows, grids, seconds - metrics_seconds, metrics_seconds)
+
+
+def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, store: SweepStore | None, *,
+              dist: Distributed = SINGLE, autocast_dtype: torch.dtype | None = None,
+              on_cell: Callable[[dict, Tensor], None] | None = None) -> list[dict]:
+    """Run every cell not yet in the store (rank 0's store decides); return all rows of this signature.
+
+    Rank 0 records each cell in the store as its job finishes (then calls `on_cell(row, grid)`), so an
+    interrupted sweep keeps what it finished. Other ranks pass `store=None` and get [] back.
+    """
+    sig = signature(config, models, evaluation, autocast_dtype is not None)
+    jobs = dist.broadcast(plan_jobs(config, store, sig) if dist.rank == 0 else None)
+    steps = config.sampling.steps
+    total = sum(len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) for j in jobs)
+    chunks = sum(-(-len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) // config.batch_size)
+                 for j in jobs)
+    bar = tqdm(total=chunks * steps, desc="sweep", unit="step", disable=not (config.progress and dist.rank == 0),
+               dynamic_ncols=True)
+    bar.set_postfix_str(f"{len(jobs)} passes, {total} images")
+    for job in jobs:
+        bar.set_description(f"sweep {job.method} seed {job.seed}")
+        result = run_job(models, config, evaluation, job, sig, dist=dist, autocast_dtype=autocast_dtype,
+                         on_step=lambda _: bar.update())
+        if store is not None:
+            for row, grid in zip(result.rows, result.grids):
+                row["grid"] = store.grid_path(sig, row["method"], row["scale"], row["seed"])
+                store.append(row, png_bytes(grid, nrow=min(len(grid), 10)))
+                if on_cell is not None:
+                    on_cell(row, grid)
+    bar.close()
+    return store.select(sig) if store is not None else []

@@ -1,0 +1,176 @@
+"""An append-safe store for a sweep's results: `sweep.csv`, `sweep.json` and the sample grids.
+
+Crash safety, in the order a cell is recorded: its grid PNG is written to a temporary file, fsynced and
+renamed into place; only then is its CSV row appended (one fsynced line), then `sweep.json` is replaced
+atomically. A cell is done when its row is in the CSV *and* its grid file is there and non-empty, so a
+kill or a full disk at any point leaves either a finished cell or one that is recomputed. On reading, a
+half-written last line (no newline) or a malformed row is reported with the file name and moved to
+`sweep.csv.rejected`, never glued onto.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+from torch import Tensor
+
+from lightning_modules.diffusion import OptionError
+
+COLUMNS = [
+    "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
+    "nfe_per_sample", "classifier_grads_per_sample", "fid", "kid", "kid_std", "score", "precision", "recall",
+    "accuracy", "seconds", "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step",
+    "classifier_sha", "extractor", "signature", "grid",
+]
+TEXT = {"method", "sampler", "diffusion_sha", "classifier_sha", "extractor", "signature", "grid"}
+INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step"}
+
+
+def check_writable(directory: str | Path, option: str = "sweep.output_dir") -> Path:
+    """Create `directory` and prove a file can be written there, before any sampling."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OptionError(option, f"cannot write to {path} ({err.strerror or err})",
+                          "choose a writable directory (or fix its permissions / free space)") from err
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def png_bytes(images: Tensor, nrow: int) -> bytes:
+    """A grid of images in [-1, 1] as PNG bytes."""
+    from torchvision.utils import save_image
+
+    buffer = io.BytesIO()
+    save_image((images.float().cpu() + 1) / 2, buffer, format="png", nrow=nrow, padding=1)
+    return buffer.getvalue()
+
+
+class SweepStore:
+    """The results in one output directory; rows of any signature live side by side."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = check_writable(directory)
+        self.csv_path = self.directory / "sweep.csv"
+        self.json_path = self.directory / "sweep.json"
+        self.rows: list[dict] = self._read()
+
+    # ------------------------------------------------------------------ reading
+    def _read(self) -> list[dict]:
+        if not self.csv_path.exists():
+            return []
+        text = self.csv_path.read_text()
+        lines = text.splitlines(keepends=True)
+        if not lines:
+            return []
+        if lines[0].rstrip("\r\n").split(",") != COLUMNS:
+            self._set_aside(lines, "its header is not this version's columns (written by another version)")
+            return []
+        rows, good, bad = [], [lines[0]], []
+        for number, line in enumerate(lines[1:], start=2):
+            row = _parse(line)
+            if row is None:
+                bad.append((number, line))
+            else:
+                rows.append(row)
+                good.append(line)
+        if bad:
+            numbers = ", ".join(str(n) for n, _ in bad)
+            self._reject([line for _, line in bad], f"line(s) {numbers} are incomplete or malformed (a run was "
+                         "probably interrupted while writing); those cells will be recomputed")
+            _atomic_write(self.csv_path, "".join(good).encode())
+        return rows
+
+    def _set_aside(self, lines: list[str], why: str) -> None:
+        self._reject(lines, why)
+        self.csv_path.unlink()
+
+    def _reject(self, lines: list[str], why: str) -> None:
+        rejected = self.csv_path.with_name("sweep.csv.rejected")
+        with open(rejected, "a") as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
+        warnings.warn(f"{self.csv_path}: {why}; moved to {rejected}", stacklevel=3)
+
+    # ------------------------------------------------------------------ queries
+    def done(self, signature: str, method: str, scale: float, seed: int) -> bool:
+        """Whether this cell is recorded and its grid image is intact."""
+        for r in self.rows:
+            if (r["signature"] == signature and r["method"] == method and r["seed"] == seed
+                    and math.isclose(r["scale"], scale)):
+                grid = self.directory / r["grid"]
+                return grid.is_file() and grid.stat().st_size > 0
+        return False
+
+    def select(self, signature: str) -> list[dict]:
+        """The rows of one signature (the latest row per cell, if a cell was recomputed)."""
+        latest = {(r["method"], r["scale"], r["seed"]): r for r in self.rows if r["signature"] == signature}
+        return list(latest.values())
+
+    # ------------------------------------------------------------------ writing
+    def grid_path(self, signature: str, method: str, scale: float, seed: int) -> str:
+        return f"grids/{method}_s{scale:g}_seed{seed}_{signature[:8]}.png"
+
+    def append(self, row: dict, grid_png: bytes) -> None:
+        """Record one finished cell: grid first (atomically), then its CSV line, then sweep.json."""
+        grid = self.directory / row["grid"]
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(grid, grid_png)
+        new_file = not self.csv_path.exists()
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+        with open(self.csv_path, "a", newline="") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(_parse(buffer.getvalue().splitlines(keepends=True)[-1]))
+        _atomic_write(self.json_path, json.dumps(self.rows, indent=1).encode())
+
+
+def _parse(line: str) -> dict | None:
+    """One CSV data line as a typed row, or None if it is cut short or malformed."""
+    if not line.endswith("\n"):
+        return None  # every complete line ends with a newline: this one was cut off mid-write
+    try:
+        values = next(csv.reader([line]))
+    except (csv.Error, StopIteration):
+        return None
+    if len(values) != len(COLUMNS):
+        return None
+    row: dict = {}
+    try:
+        for key, value in zip(COLUMNS, values):
+            if key in TEXT:
+                row[key] = value
+            elif key in INTEGER:
+                row[key] = int(value)
+            else:
+                row[key] = float(value) if value not in ("", "None") else float("nan")
+    except ValueError:
+        return None
+    if not row["method"] or not row["signature"] or not row["grid"]:
+        return None
+    return row
