@@ -29,7 +29,8 @@ class LastCheckpoint(ModelCheckpoint):
     The name is always `last.ckpt` (no `last-v1.ckpt` next to an older one): resume and reuse look for it.
     """
 
-    def __init__(self, dirpath: str | Path | None = None, every_n_train_steps: int = 100, verbose: bool = False) -> None:
+    def __init__(self, dirpath: str | Path | None = None, every_n_train_steps: int = 100,
+                 verbose: bool = False) -> None:
         if every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps must be >= 1 (the most steps a kill may lose), got "
                              f"{every_n_train_steps}.")

@@ -17,8 +17,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import (DeviceBatches, EpochSampler, ImageFileDataset, ResumableLoader,
-                                  TensorImageDataset, collate_batch)
+from datamodules.datasets import (
+    DeviceBatches,
+    EpochSampler,
+    ImageFileDataset,
+    ResumableLoader,
+    TensorImageDataset,
+    collate_batch,
+)
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
 # name -> (num_classes, native image size, channels): constants, so the CLI can link them before setup().

@@ -1,9 +1,10 @@
 """The guidance-sweep half of `experiments/benchmark.py` (issue 5) and the timing helpers both halves share.
 
-`run_sweep` times a sweep the way the sweep callback runs one: per method, every scale in one batched pass
-(per-sample scale vectors, flattened item -> (sample, scale)), split into chunks of `--sweep-batch` images,
-one `sample(...)` call per chunk (optionally torch.compile'd), Inception-v3 features of every chunk, then the
-per-cell metrics. `step_timings` times one guided DDIM step (CFG: one batched 2B forward) eager vs compiled.
+`sweep_record` times the sweep engine itself: one `lightning_modules.sweep.run_job` per method, the code
+path of the sweep callback and of `python -m experiments.sweep` (every scale of a method in one batched
+pass, chunks of `--sweep-batch` images, Inception-v3 features, per-cell metrics). Only the inputs are the
+benchmark's: random-init networks, keyed-noise reference images and, without weights, a random-init
+Inception. `step_timings` times one guided DDIM step (CFG: one batched 2B forward) eager vs compiled.
 """
 
 from __future__ import annotations
@@ -13,44 +14,44 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_modules.diffusion import (
+    GuidanceOptions,
     GuidedDenoiser,
-    NoiseSchedule,
+    SamplerOptions,
     keyed_normal,
-    method_scales,
-    respaced_timesteps,
     sample,
     sample_keys,
 )
 from lightning_modules.evaluation import (
     CELL_METRIC_KEYS,
     InceptionExtractor,
-    cell_metrics,
     check_inception_weights,
     feature_statistics,
 )
 from lightning_modules.evaluation.features import to_uint8_range
 from lightning_modules.evaluation.metrics import reference_moments
+from lightning_modules.sweep import Evaluation, SweepConfig, SweepModels, plan_jobs, run_job, signature
 
 # The issue-5 target: 8 scales per method, native scales of each method (cfg: s_cfg, cg_cond: s_cg).
 SWEEP_SCALES = {"cfg": (0.0, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0), "cg_cond": (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)}
 SMALL_SWEEP_SCALES = {"cfg": (1.0, 3.0), "cg_cond": (1.0, 3.0)}
 SWEEP_COMPILE = ("none", "default", "reduce-overhead", "max-autotune", "auto")
+MIN_SAMPLES = 4  # precision/recall's k = 3 neighbourhoods need more than 3 samples per cell
 RANDOM_INCEPTION = "random (timing only)"
+RANDOM_CLASSIFIER = "random-init classifier (benchmark)"  # what the config names as its classifier
 MAX_REFERENCE = 10_000
 SAMPLE_SEED, REFERENCE_SEED, CALIBRATION_SEED = 0, 1, 2
+COST = ("nfe_per_sample", "classifier_grads_per_sample")  # the engine's cost columns (`cell_cost`)
 # Dynamo keeps one graph per (batch shape, step mode) of the shared step function; a full run needs about 8
 # (step timing + sweep). Fail loudly rather than fall back to eager and report eager times as compiled ones.
 DYNAMO_LIMITS = {"recompile_limit": 64, "fail_on_recompile_limit_hit": True}
@@ -113,32 +114,6 @@ def log(message: str) -> None:
     print(f"[sweep] {message}", file=sys.stderr, flush=True)
 
 
-class PhaseClock:
-    """Seconds per phase ("sampling", "metrics"); synchronises at phase edges only (once or twice per chunk)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, defaultdict(float)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            synchronize(self.device)
-            self.seconds[phase] += time.perf_counter() - start
-
-
-@dataclass
-class SweepModels:
-    net: nn.Module  # (x, t, y) -> eps
-    classifier: nn.Module  # noisy classifier (x, t) -> logits, frozen
-    schedule: NoiseSchedule
-    num_classes: int
-    shape: tuple[int, int, int]
-
-
 def classifier_flops_per_image(classifier: nn.Module, shape: tuple[int, ...], device: torch.device) -> float:
     """FLOPs of one classifier-guidance pass per image: forward plus backward to the input (frozen weights),
     the work of `classifier_grad`. Counted with `.backward()` at batch 2: FlopCounterMode's module hooks
@@ -197,128 +172,97 @@ def build_extractor(weights: str | None, device: torch.device,
     return InceptionExtractor(weights, device=device), weights
 
 
-def chunk_ranges(total: int, batch: int) -> list[tuple[int, int]]:
-    """[start, stop) of every chunk of the flattened items 0..total-1: full chunks, then the remainder."""
-    return [(start, min(start + batch, total)) for start in range(0, total, batch)]
+def sweep_config(args) -> SweepConfig:
+    """The benchmark's sweep as the engine's settings (raises OptionError for a bad one)."""
+    return SweepConfig(methods=list(args.sweep_methods), scales={m: list(s) for m, s in args.sweep_scales.items()},
+                       seeds=[SAMPLE_SEED], num_samples=args.sweep_samples, batch_size=args.sweep_batch,
+                       sampling=SamplerOptions("ddim", args.sweep_steps, compile=args.sweep_compile),
+                       classifier_ckpt=RANDOM_CLASSIFIER, extractor="inception", grid_size=1, progress=False)
 
 
-def chunk_denoiser(models: SweepModels, method: str, scales: tuple[float, ...], n: int, start: int, stop: int,
-                   device: torch.device) -> tuple[GuidedDenoiser, Tensor]:
-    """The denoiser and noise keys of items [start, stop): item i is sample i % n at scale index i // n."""
-    idx = torch.arange(start, stop)
-    sample_idx, scale_idx = idx % n, (idx // n).tolist()
-    pairs = [method_scales(method, s) for s in scales]
-    den = GuidedDenoiser(models.net, models.schedule, (sample_idx % models.num_classes).to(device),
-                         models.num_classes, cfg_scale=[pairs[j][0] for j in scale_idx],
-                         cg_scale=[pairs[j][1] for j in scale_idx], classifier=models.classifier)
-    return den, sample_keys(SAMPLE_SEED, sample_idx).to(device)
-
-
-def warmup_ranges(models: SweepModels, method: str, scales: tuple[float, ...], n: int,
-                  ranges: list[tuple[int, int]], steps: int, device: torch.device) -> list[tuple[int, int]]:
-    """One chunk per distinct (chunk size, step modes): the compiled step holds one graph per batch shape and
-    StepMode (a chunk holding only s_cfg = 0 or only s_cfg = 1 needs one branch, not the batched 2B forward)
-    and none per step count, so a 2-step run of these chunks compiles everything the timed run needs."""
-    timesteps = respaced_timesteps(models.schedule.timesteps, steps)
-    chosen: dict = {}
-    for start, stop in ranges:
-        den, _ = chunk_denoiser(models, method, scales, n, start, stop, device)
-        chosen.setdefault((stop - start, frozenset(den.mode(t) for t in timesteps)), (start, stop))
-    return list(chosen.values())
-
-
-def sample_chunks(models: SweepModels, method: str, scales: tuple[float, ...], n: int,
-                  ranges: list[tuple[int, int]], steps: int, args, clock: PhaseClock,
-                  extractor: InceptionExtractor) -> tuple[float, float, Tensor, Tensor]:
-    """Sample (and featurise) the items of every range, one sample() call per chunk. Returns network
-    evaluations and classifier passes summed over images, and the (features, logits) of all items in order."""
-    device = args.device
-    nfe = grads = 0.0
-    feats, logits = [], []
-    for start, stop in ranges:
-        den, keys = chunk_denoiser(models, method, scales, n, start, stop, device)
-        with clock("sampling"), autocast(device, args.dtype):
-            images = sample(den, models.shape, keys, steps, "ddim", compile=args.sweep_compile)
-        nfe += den.nfe * (stop - start)
-        grads += den.classifier_grads * (stop - start)
-        with clock("metrics"):
-            f, lg = extractor.extract(images)  # float32, autocast off inside
-            feats.append(f)
-            logits.append(lg)
-    return nfe, grads, torch.cat(feats), torch.cat(logits)
+def reference_evaluation(models: SweepModels, extractor, n: int, batch: int) -> Evaluation:
+    """n fixed keyed-noise images stand in for the real split at the same cost per cell: their features
+    (kept on the device: precision/recall run there) and (μ, Σ, Σ^½), as `build_evaluation` gives them."""
+    device = models.device
+    feats = torch.cat([extractor.extract(keyed_normal(sample_keys(REFERENCE_SEED, idx).to(device), 0,
+                                                      models.shape).clamp(-1, 1))[0]
+                       for idx in torch.arange(n).split(batch)]).to(device)
+    return Evaluation(extractor, "inception", feats, reference_moments(*feature_statistics(feats), device=device),
+                      f"keyed-noise-seed{REFERENCE_SEED}-n{n}")
 
 
 def _finite(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def reference(models: SweepModels, extractor: InceptionExtractor, n: int, batch: int,
-              device: torch.device) -> tuple[Tensor, tuple]:
-    """Features (kept on the device: precision/recall runs there) and (mu, sigma) of n fixed keyed-noise
-    images: stand-ins for the real split with the same cost per cell."""
-    feats = []
-    for start, stop in chunk_ranges(n, batch):
-        keys = sample_keys(REFERENCE_SEED, torch.arange(start, stop)).to(device)
-        feats.append(extractor.extract(keyed_normal(keys, 0, models.shape).clamp(-1, 1))[0])
-    feats_all = torch.cat(feats)
-    return feats_all, reference_moments(*feature_statistics(feats_all), device=device)  # as the sweep callback
+def time_sweep(models: SweepModels, config: SweepConfig, evaluation: Evaluation,
+               autocast_dtype: torch.dtype | None = None) -> dict:
+    """Every job of the sweep through `run_job`: first untimed at min(2, steps) steps (compilation, CUDA graph
+    capture, cuDNN, Inception shapes: a compiled step holds one graph per chunk shape and step mode, none per
+    step count), then timed. Seconds are raw floats; sampling = each job's wall minus the engine's
+    metrics_seconds (features + cell metrics). Costs are the engine's rows, summed over cells for the totals
+    (per-sample cost x samples: the work each cell needs by itself)."""
+    sig = signature(config, models, evaluation, autocast_dtype is not None)
+    jobs = plan_jobs(config, None, sig)
+    warm = replace(config, sampling=replace(config.sampling, steps=min(2, config.sampling.steps)))
+    with torch._dynamo.config.patch(**DYNAMO_LIMITS):
+        t0 = time.perf_counter()
+        for job in jobs:
+            run_job(models, warm, evaluation, job, sig, autocast_dtype=autocast_dtype)
+        synchronize(models.device)
+        warmup_seconds = time.perf_counter() - t0
+        log(f"warm-up {warmup_seconds:.1f}s; timing {len(jobs)} jobs")
+        results, per_method, sampling = [], {}, 0.0
+        start = time.perf_counter()
+        for job in jobs:
+            t0 = time.perf_counter()
+            results.append(run_job(models, config, evaluation, job, sig, autocast_dtype=autocast_dtype))
+            per_method[job.method] = time.perf_counter() - t0
+            sampling += per_method[job.method] - results[-1].metrics_seconds
+            log(f"{job.method}: {len(job.scales)} scales, {per_method[job.method]:.1f}s")
+        seconds = time.perf_counter() - start
+    rows = [row for result in results for row in result.rows]
+    return {"seconds": seconds, "warmup_seconds": warmup_seconds, "seconds_per_method": per_method,
+            "sampling_seconds": sampling,
+            "metrics_seconds": sum(r.metrics_seconds for r in results),
+            "cost": {m: {k: statistics.fmean(r[k] for r in rows if r["method"] == m) for k in COST}
+                     for m in config.methods},
+            "network_evaluations": sum(r["nfe_per_sample"] * r["num_samples"] for r in rows),
+            "classifier_passes": sum(r["classifier_grads_per_sample"] * r["num_samples"] for r in rows),
+            "metrics": [{"method": r["method"], "scale": r["scale"], **{k: r[k] for k in COST},
+                         **{k: _finite(r[k]) for k in CELL_METRIC_KEYS}} for r in rows]}
 
 
-def run_sweep(models: SweepModels, args, unet_flops: float, peak: float | None) -> dict:
-    """The timed sweep (sampling + Inception features + per-cell metrics) after an untimed warm-up."""
-    device, n, steps = args.device, args.sweep_samples, args.sweep_steps
-    methods, batch = args.sweep_methods, args.sweep_batch
+def sweep_record(models: SweepModels, args, unet_flops: float, peak: float | None) -> dict:
+    """The sweep line: reference features (untimed), then `time_sweep`; MFU of the sampling phase from the
+    cells' network evaluations and classifier passes."""
+    device, config = models.device, args.sweep_config
+    n, steps = config.num_samples, config.sampling.steps
     t0 = time.perf_counter()
     extractor, weights = build_extractor(args.inception_weights, device, models.shape)
     n_ref = min(n, MAX_REFERENCE)
-    ref_feats, ref_stats = reference(models, extractor, n_ref, batch, device)
+    evaluation = reference_evaluation(models, extractor, n_ref, config.batch_size)
     synchronize(device)
     reference_seconds = time.perf_counter() - t0
-    plans = {m: chunk_ranges(n * len(args.sweep_scales[m]), batch) for m in methods}
-    with torch._dynamo.config.patch(**DYNAMO_LIMITS):
-        t0 = time.perf_counter()  # untimed warm-up: compilation, CUDA graph capture, cuDNN, Inception shapes
-        for m in methods:
-            ranges = warmup_ranges(models, m, args.sweep_scales[m], n, plans[m], steps, device)
-            sample_chunks(models, m, args.sweep_scales[m], n, ranges, min(2, steps), args, PhaseClock(device),
-                          extractor)
-        synchronize(device)
-        warmup_seconds = time.perf_counter() - t0
-        log(f"reference {reference_seconds:.1f}s, warm-up {warmup_seconds:.1f}s; timing {len(methods)} methods")
-        clock, per_method, cost, cells = PhaseClock(device), {}, {}, []
-        nfe_total = grads_total = 0.0
-        start = time.perf_counter()
-        for m in methods:
-            t0, scales = time.perf_counter(), args.sweep_scales[m]
-            nfe, grads, feats, logits = sample_chunks(models, m, scales, n, plans[m], steps, args, clock, extractor)
-            with clock("metrics"):
-                for j, scale in enumerate(scales):
-                    part = slice(j * n, (j + 1) * n)  # Inception logits are ImageNet classes: no accuracy
-                    values = cell_metrics(ref_feats, feats[part], logits[part], None, ref_stats,
-                                          kid_subset_size=min(1000, n, n_ref))
-                    cells.append({"method": m, "scale": scale, **{k: _finite(values[k]) for k in CELL_METRIC_KEYS}})
-            per_method[m] = round(time.perf_counter() - t0, 3)
-            log(f"{m}: {len(plans[m])} chunks, {per_method[m]:.1f}s (sampling + metrics so far "
-                f"{clock.seconds['sampling']:.1f}s + {clock.seconds['metrics']:.1f}s)")
-            images = n * len(scales)
-            cost[m] = {"nfe_per_sample": nfe / images, "classifier_grads_per_sample": grads / images}
-            nfe_total, grads_total = nfe_total + nfe, grads_total + grads
-        seconds = time.perf_counter() - start
-    images = sum(n * len(args.sweep_scales[m]) for m in methods)
-    clf_flops = classifier_flops_per_image(models.classifier, models.shape, device)
-    sampling = clock.seconds["sampling"]
-    achieved = (unet_flops * nfe_total + clf_flops * grads_total) / sampling
-    return {"bench": "sweep", "impl": "ours", "dtype": args.dtype, "compile": args.sweep_compile or "none",
-            "methods": list(methods), "scales": {m: list(args.sweep_scales[m]) for m in methods},
-            "samples_per_cell": n, "cells": len(cells), "sampler": "ddim", "steps": steps, "batch": batch,
-            "images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 3),
-            "sampling_seconds": round(sampling, 3), "metrics_seconds": round(clock.seconds["metrics"], 3),
-            "warmup_seconds": round(warmup_seconds, 3), "reference_seconds": round(reference_seconds, 3),
-            "reference_images": n_ref, "seconds_per_method": per_method, "cost": cost,
-            "network_evaluations": nfe_total, "classifier_passes": grads_total,
+    log(f"reference {reference_seconds:.1f}s")
+    timed = time_sweep(models, config, evaluation, torch.bfloat16 if args.dtype == "bf16" else None)
+    clf_flops = classifier_flops_per_image(models.classifier.net, models.shape, device)
+    sampling = timed["sampling_seconds"]
+    achieved = (unet_flops * timed["network_evaluations"] + clf_flops * timed["classifier_passes"]) / sampling
+    images = n * len(timed["metrics"])
+    return {"bench": "sweep", "impl": "ours", "dtype": args.dtype, "compile": config.sampling.compile or "none",
+            "methods": config.methods, "scales": config.grids, "samples_per_cell": n, "cells": len(timed["metrics"]),
+            "sampler": config.sampling.sampler, "steps": steps, "batch": config.batch_size, "images": images,
+            "seconds": round(timed["seconds"], 3), "images_per_s": round(images / timed["seconds"], 3),
+            "sampling_seconds": round(sampling, 3), "metrics_seconds": round(timed["metrics_seconds"], 3),
+            "warmup_seconds": round(timed["warmup_seconds"], 3), "reference_seconds": round(reference_seconds, 3),
+            "reference_images": n_ref,
+            "seconds_per_method": {m: round(s, 3) for m, s in timed["seconds_per_method"].items()},
+            **{k: timed[k] for k in ("cost", "network_evaluations", "classifier_passes")},
             "gflops_per_network_evaluation": round(unet_flops / 1e9, 3),
-            "gflops_per_classifier_pass": round(clf_flops / 1e9, 3),
-            "sampling_tflops": round(achieved / 1e12, 4), "mfu": None if peak is None else round(achieved / peak, 4),
-            "inception_weights": weights, "metrics": cells}
+            "gflops_per_classifier_pass": round(clf_flops / 1e9, 3), "sampling_tflops": round(achieved / 1e12, 4),
+            "mfu": None if peak is None else round(achieved / peak, 4), "inception_weights": weights,
+            "metrics": timed["metrics"]}
 
 
 def step_timings(models: SweepModels, args, unet_flops: float, peak: float | None) -> list[dict]:
@@ -328,8 +272,9 @@ def step_timings(models: SweepModels, args, unet_flops: float, peak: float | Non
     device, batch, steps = args.device, args.sample_batch, args.step_steps
     idx = torch.arange(batch)
     grid = SWEEP_SCALES["cfg"]
-    den = GuidedDenoiser(models.net, models.schedule, (idx % models.num_classes).to(device), models.num_classes,
-                         cfg_scale=[grid[i % len(grid)] for i in range(batch)])
+    den = GuidedDenoiser(models.diffusion.net, models.schedule, (idx % models.num_classes).to(device),
+                         models.num_classes, "cfg", [grid[i % len(grid)] for i in range(batch)],
+                         prediction=models.prediction)
     keys = sample_keys(SAMPLE_SEED, idx).to(device)
 
     def run(mode: str | None) -> None:
@@ -358,16 +303,16 @@ def step_timings(models: SweepModels, args, unet_flops: float, peak: float | Non
 
 
 def sync_check(models: SweepModels, device: torch.device, dtype: str) -> dict:
-    """CUDA only: whole guided sample() calls (CFG and CG, mixed per-sample scales) under
+    """CUDA only: whole guided sample() calls (CFG + CG, mixed per-sample CFG scales, guidance interval) under
     `torch.cuda.set_sync_debug_mode("error")`, which raises on any operation that makes the host wait for
     the device. Passing means the sampling loop queues every step without waiting."""
     n = 16
     idx = torch.arange(n)
     labels, keys = (idx % models.num_classes).to(device), sample_keys(SAMPLE_SEED, idx).to(device)
     record = {"bench": "sync_check", "impl": "ours", "dtype": dtype, "steps": 3}
-    den = GuidedDenoiser(models.net, models.schedule, labels, models.num_classes, classifier=models.classifier,
-                         cfg_scale=[(0.0, 1.0, 2.0, 3.0)[i % 4] for i in range(n)],
-                         cg_scale=[(0.0, 0.5, 1.0, 2.0)[i % 4] for i in range(n)], interval=(0, 600))
+    den = GuidedDenoiser(models.diffusion.net, models.schedule, labels, models.num_classes, "cfg+cg",
+                         [(0.0, 1.0, 2.0, 3.0)[i % 4] for i in range(n)], grad_fn=models.grad_fn,
+                         prediction=models.prediction, options=GuidanceOptions(interval=(0, 600)))
     sample(den, models.shape, keys, 3, "ddim")  # warm-up: lazy initialisation may sync once
     try:
         torch.cuda.set_sync_debug_mode("error")

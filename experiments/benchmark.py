@@ -2,7 +2,7 @@
 and the wall time of the issue-5 guidance sweep.
 
     python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, full sweep
-    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (2-3 minutes on 2 cores)
+    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (1-2 minutes on 2 cores)
     python -m experiments.benchmark --compile both --out bench.jsonl
     python -m experiments.benchmark --compile on --compile-mode reduce-overhead   # both networks with CUDA graphs
     python -m experiments.benchmark --compile off --no-peer --inception-weights /path/to/weights-inception-*.pth
@@ -22,18 +22,19 @@ Prints one JSON line per measurement on stdout (diagnostics go to stderr):
   {"peer": "skipped", "reason": ...}                      when diffusers is missing or --no-peer
 
 The sweep (target: <= 10 minutes on one H100): methods cfg and cg_cond x 8 scales (SWEEP_SCALES) x 10k samples
-per cell, 50 DDIM steps; all scales of a method in one batched pass (per-sample scale vectors) split into chunks
-of --sweep-batch images, one sample() call per chunk, the sampler step compiled with --sweep-compile (auto:
-"default" on CUDA), metrics included: float32 Inception-v3 features of every chunk, then `cell_metrics`
-(FID, KID, IS, precision/recall) per cell against keyed-noise reference images. Without Inception weights
-(--inception-weights, or torch-fidelity's cache) a randomly initialised Inception of the same architecture
-is timed ("inception_weights": "random (timing only)"; its metric values mean nothing). Its line: seconds =
-timed wall (sampling + features + metrics), warmup_seconds = the untimed compile/warm-up before it (2 steps of
-one chunk per chunk size and step mode), sampling_seconds, metrics_seconds (features + cell metrics), cost per
-method (network evaluations and classifier passes per sample, averaged over chunks: a chunk holding only
-s_cfg = 0 or only s_cfg = 1 runs one branch, one holding only s_cg = 0 no classifier), network_evaluations
-and classifier_passes (summed over images), MFU of the sampling loop (UNet forwards + classifier
-forward/backward FLOPs over sampling_seconds; CUDA only) and the metrics of every cell.
+per cell, 50 DDIM steps, run by the sweep engine itself (`lightning_modules.sweep.run_job`, one job per method,
+as in the sweep callback and `python -m experiments.sweep`): all scales of a method in one batched pass in
+chunks of --sweep-batch images, the sampler step compiled with --sweep-compile (auto: "default" on CUDA),
+float32 Inception-v3 features, per-cell metrics (FID, KID, IS, precision/recall) against keyed-noise reference
+images. Without Inception weights (--inception-weights, or torch-fidelity's cache) a randomly initialised
+Inception of the same architecture is timed ("inception_weights": "random (timing only)"; its metric values
+mean nothing). Its line: seconds = timed wall of the jobs, warmup_seconds = the same jobs run untimed before
+at min(2, steps) steps (compilation, CUDA graphs, cuDNN), metrics_seconds (the engine's: features + cell
+metrics), sampling_seconds (the rest of the jobs' wall), cost per method in the engine's terms (nfe_per_sample,
+classifier_grads_per_sample: what a cell needs by itself, `cell_cost`, averaged over the method's cells),
+network_evaluations and classifier_passes (per-sample cost x samples, summed over cells), MFU of the sampling
+phase from those totals (CUDA only; a chunk mixing s_cfg in {0, 1} with other scales runs both branches for
+all its images, work not counted) and every cell's metrics and cost.
 
 Both networks run the identical step (same inputs, MSE to the noise, AdamW, fused on CUDA) under the same
 autocast, so the ratio isolates the network implementation. FLOPs come from torch.utils.flop_counter
@@ -57,24 +58,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.bench_sweep import (
+    MIN_SAMPLES,
     SMALL_SWEEP_SCALES,
     SWEEP_COMPILE,
     SWEEP_SCALES,
-    SweepModels,
     autocast,
     count_flops,
     median_seconds,
     peak_flops,
-    run_sweep,
     step_timings,
+    sweep_config,
+    sweep_record,
     sync_check,
 )
-from lightning_modules.diffusion import NoiseSchedule
-from lightning_modules.diffusion.samplers import COMPILE_MODES
+from lightning_modules.diffusion import COMPILE_MODES, OptionError
 from lightning_modules.networks import EncoderClassifier, UNet
+from lightning_modules.sweep import Network, SweepModels
 
 NUM_CLASSES = 10  # CIFAR-10; the embedding tables hold one more row, the null label
 IMAGE_SIZE, CHANNELS, CHANNEL_MULT = 32, 3, (1, 2, 2, 2)
+# What the engine reads from a network's hyperparameters (the classifier shares the compatibility keys).
+HPARAMS = {"schedule": "linear", "timesteps": 1000, "prediction": "eps", "num_classes": NUM_CLASSES,
+           "image_size": IMAGE_SIZE, "channels": CHANNELS}
 PEER_HINT = "diffusers not installed: pip install -e .[bench]"
 
 Step = Callable[[], object]
@@ -175,8 +180,7 @@ def measure(impl: str, build, call, args, device: torch.device, compile_: bool, 
         runner = torch.compile(net, mode=None if mode == "default" else mode) if compile_ else net
         make = train_step if bench == "train" else sample_step
         record = {"bench": bench, "impl": impl, "compile": compile_, "compile_mode": mode, "dtype": args.dtype,
-                  "batch": batch,
-                  "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3)}
+                  "batch": batch, "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3)}
         try:
             seconds = median_seconds(make(runner, call, batch, device, args.dtype, mode), args.iters,
                                      args.warmup + (2 if compile_ else 0), device)
@@ -217,15 +221,14 @@ def _installed_version(package: str) -> str | None:
 
 
 def sweep_models(args) -> SweepModels:
-    """Our UNet (no dropout) and a randomly initialised noisy classifier: speed, not quality."""
+    """Our UNet (no dropout) and a random-init noisy classifier as the engine's models: speed, not quality."""
     torch.manual_seed(0)
-    device = args.device
-    net = build_ours(args.base_channels, dropout=0.0).to(device).eval()
+    net = build_ours(args.base_channels, dropout=0.0)
     width, mult = (32, (1, 2, 2)) if args.small else (args.base_channels, CHANNEL_MULT)
     classifier = EncoderClassifier(IMAGE_SIZE, CHANNELS, NUM_CLASSES, base_channels=width, channel_mult=mult,
                                    num_res_blocks=1 if args.small else 2, attention_resolutions=(16,),
-                                   pool="attention").to(device).eval().requires_grad_(False)
-    return SweepModels(net, classifier, NoiseSchedule("linear", 1000), NUM_CLASSES, (CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
+                                   pool="attention")
+    return SweepModels(Network(net, HPARAMS, step=0), Network(classifier, HPARAMS, step=0)).to(args.device)
 
 
 def _positive_int(text: str) -> int:
@@ -273,10 +276,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                    help="time the guidance sweep, metrics included")
     p.add_argument("--sweep-samples", type=_positive_int, default=None,
-                   help="samples per cell; default 10000 (4 with --small)")
+                   help=f"samples per cell, at least {MIN_SAMPLES}; default 10000 (4 with --small)")
     p.add_argument("--sweep-steps", type=_positive_int, default=None, help="DDIM steps; default 50 (3 with --small)")
     p.add_argument("--sweep-batch", type=_positive_int, default=None,
-                   help="images per sampling call (chunk); default 2048 (8 with --small)")
+                   help="images per sampler call (the engine's chunk); default 2048 (8 with --small)")
     p.add_argument("--sweep-scales", type=_scales, default=None,
                    help="comma-separated scales for every method instead of the per-method grids")
     p.add_argument("--sweep-compile", choices=SWEEP_COMPILE, default="auto",
@@ -314,6 +317,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     extra = ["default", "reduce-overhead"] if cuda else []
     args.step_modes = [None, *dict.fromkeys([*extra, *([args.sweep_compile] if args.sweep_compile else [])])]
     args.step_steps = 3 if small else 10
+    if args.sweep_samples < MIN_SAMPLES:
+        p.error(f"--sweep-samples: precision/recall's k = 3 neighbourhoods need at least {MIN_SAMPLES} samples")
+    try:  # the sweep engine's own checks (e.g. at most the model's 1000 steps), before anything runs
+        args.sweep_config = sweep_config(args)
+        args.sweep_config.check(timesteps=HPARAMS["timesteps"])
+    except OptionError as err:
+        p.error(str(err))
     return args
 
 
@@ -365,12 +375,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.sample_step or args.sweep:
             models = sweep_models(args)
             if ("ours", "sample") not in flops:
-                flops["ours", "sample"] = flops_per_image(models.net, call_ours, device, train=False)
+                flops["ours", "sample"] = flops_per_image(models.diffusion.net, call_ours, device, train=False)
             later = [lambda: [sync_check(models, device, args.dtype)]] if device.type == "cuda" else []
             if args.sample_step:
                 later.append(lambda: step_timings(models, args, flops["ours", "sample"], peak))
             if args.sweep:
-                later.append(lambda: [run_sweep(models, args, flops["ours", "sample"], peak)])
+                later.append(lambda: [sweep_record(models, args, flops["ours", "sample"], peak)])
             for part in later:
                 for record in part():
                     records.append(record)

@@ -11,6 +11,7 @@ so a user never types them twice. `--sweep.*` are the options of lightning_modul
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,11 +31,13 @@ class GuideCLI(LightningCLI):
         for name in ("num_classes", "image_size", "channels"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        # A corrupt or unsafe --ckpt_path fails here, naming the file, before anything is built or trained.
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("ckpt_path") and config["ckpt_path"] not in ("last", "best", "hpc"):
-            read_checkpoint(config["ckpt_path"], "ckpt_path")
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path here, first of all; a corrupt or unsafe file must fail naming itself.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():  # a missing file is Lightning's own clear error, later
+            read_checkpoint(path, "ckpt_path")
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -1,5 +1,8 @@
-"""experiments/benchmark.py: every printed line is JSON with the expected keys, at the tiniest setting on CPU,
-and the sweep's cost accounting (network evaluations, classifier passes) is what the maths demands."""
+"""experiments/benchmark.py: every printed line is JSON with the expected keys, at the tiniest setting on CPU;
+the sweep is timed through the engine's `run_job` and reports the engine's cost (`cell_cost`) per cell.
+
+No assertion depends on a wall-clock figure: times are checked for type and sign only; costs, counts and cells
+are deterministic and checked exactly."""
 
 from __future__ import annotations
 
@@ -11,8 +14,11 @@ import pytest
 import torch
 
 from experiments import bench_sweep, benchmark
-from lightning_modules.diffusion import NoiseSchedule
+from lightning_modules.diffusion import GuidanceOptions, SamplerOptions, cell_cost, make_rule
+from lightning_modules.evaluation import CELL_METRIC_KEYS, feature_statistics
+from lightning_modules.evaluation.metrics import reference_moments
 from lightning_modules.networks import EncoderClassifier, UNet
+from lightning_modules.sweep import Evaluation, Network, SweepConfig, SweepModels
 
 TINY = ["--device", "cpu", "--small", "--iters", "1", "--warmup", "0", "--base-channels", "32",
         "--train-batch", "2", "--sample-batch", "2"]
@@ -23,7 +29,13 @@ MEASURED = {"bench", "impl", "compile", "dtype", "batch", "params_m", "images_pe
             "gflops_per_image", "achieved_tflops", "mfu"}
 SWEEP = {"bench", "impl", "methods", "scales", "samples_per_cell", "cells", "sampler", "steps", "images", "seconds",
          "images_per_s", "seconds_per_method", "cost", "compile", "batch", "sampling_seconds", "metrics_seconds",
-         "warmup_seconds", "network_evaluations", "classifier_passes", "mfu", "inception_weights", "metrics"}
+         "warmup_seconds", "reference_seconds", "network_evaluations", "classifier_passes", "mfu",
+         "sampling_tflops", "inception_weights", "metrics"}
+TIMES = ("seconds", "images_per_s", "sampling_seconds", "metrics_seconds", "warmup_seconds", "reference_seconds")
+
+
+def positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 def lines(text: str) -> list[dict]:
@@ -58,28 +70,27 @@ def test_tiny_run_prints_json_lines(capsys, monkeypatch, tmp_path):
     assert [r["compile"] for r in steps] == ["none"]
     step = steps[0]
     assert step["batch"] == 2 and step["forward_batch"] == 4 and step["speedup_vs_eager"] == 1.0
-    assert step["ms_per_step"] > 0 and step["images_per_s"] == pytest.approx(2e3 / step["ms_per_step"], rel=1e-2)
+    assert positive(step["ms_per_step"]) and positive(step["images_per_s"]), step
+    assert isinstance(step["achieved_tflops"], float) and step["achieved_tflops"] >= 0  # 4 decimals of a tiny figure
 
     sweep = next(r for r in printed if r.get("bench") == "sweep")
     assert SWEEP <= set(sweep), SWEEP - set(sweep)
     n, k = sweep["samples_per_cell"], sweep["steps"]
-    assert (n, k, sweep["batch"], sweep["compile"]) == (4, 2, 3, "none")
+    assert (n, k, sweep["batch"], sweep["compile"], sweep["sampler"]) == (4, 2, 3, "none", "ddim")
     assert sweep["methods"] == ["cfg", "cg_cond"] and sweep["scales"] == {"cfg": [3.0], "cg_cond": [3.0]}
     assert sweep["cells"] == 2 and sweep["images"] == n * 1 * 2
     # CFG at s != 0, 1 costs two network evaluations per step (one batched 2B forward), CG one evaluation plus
-    # one classifier forward+backward per step, in every chunk
+    # one classifier forward+backward per step: the engine's names and values
     assert sweep["cost"] == {"cfg": {"nfe_per_sample": 2.0 * k, "classifier_grads_per_sample": 0.0},
                              "cg_cond": {"nfe_per_sample": 1.0 * k, "classifier_grads_per_sample": 1.0 * k}}
-    per_method = sweep["images"] // 2
-    assert sweep["network_evaluations"] == per_method * (2 * k + k)
-    assert sweep["classifier_passes"] == per_method * k
-    flops = 1e9 * (sweep["gflops_per_network_evaluation"] * sweep["network_evaluations"]
-                   + sweep["gflops_per_classifier_pass"] * sweep["classifier_passes"])
-    assert sweep["sampling_tflops"] * 1e12 == pytest.approx(flops / sweep["sampling_seconds"], rel=0.02)
+    assert sweep["network_evaluations"] == n * (2 * k + k) and sweep["classifier_passes"] == n * k
     assert sweep["mfu"] is None  # no CPU peak
-    assert 0 < sweep["sampling_seconds"] and 0 < sweep["metrics_seconds"] and sweep["warmup_seconds"] > 0
-    assert sweep["sampling_seconds"] + sweep["metrics_seconds"] <= sweep["seconds"] * 1.01
-    assert sum(sweep["seconds_per_method"].values()) == pytest.approx(sweep["seconds"], abs=0.05)
+    for key in TIMES:  # wall-clock figures: present and positive, nothing more
+        assert positive(sweep[key]), (key, sweep[key])
+    assert set(sweep["seconds_per_method"]) == {"cfg", "cg_cond"}
+    assert all(positive(v) for v in sweep["seconds_per_method"].values())
+    assert isinstance(sweep["sampling_tflops"], float) and sweep["sampling_tflops"] >= 0
+    assert positive(sweep["gflops_per_network_evaluation"]) and positive(sweep["gflops_per_classifier_pass"])
     assert sweep["inception_weights"] == bench_sweep.RANDOM_INCEPTION and sweep["reference_images"] == n
     # metrics really ran: one row per cell, every metric finite (accuracy is None: Inception's classes)
     assert [(c["method"], c["scale"]) for c in sweep["metrics"]] == [("cfg", 3.0), ("cg_cond", 3.0)]
@@ -89,46 +100,74 @@ def test_tiny_run_prints_json_lines(capsys, monkeypatch, tmp_path):
         assert cell["fid"] > 0 and cell["accuracy"] is None
 
 
-class ZeroExtractor:
-    """Stands in for Inception where only sampling and its cost accounting are under test."""
+class PixelExtractor:
+    """Stands in for Inception where only the sweep's plumbing and cost accounting are under test."""
 
-    extractor_id, num_features = "zeros", 4
+    extractor_id, num_features = "pixels", 4
 
     def extract(self, x):
-        return torch.zeros(len(x), 4), torch.zeros(len(x), 3)
+        flat = x.flatten(1).float()
+        return flat[:, :4], flat[:, 4:7]
+
+
+HPARAMS = {"schedule": "linear", "timesteps": 1000, "prediction": "eps", "num_classes": 10, "image_size": 8,
+           "channels": 1}
 
 
 @pytest.fixture(scope="module")
 def tiny_models():
     torch.manual_seed(0)
-    net = UNet(8, 1, 10, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,)).eval()
+    net = UNet(8, 1, 10, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,))
     clf = EncoderClassifier(8, 1, 10, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                            attention_resolutions=(4,), pool="attention").eval().requires_grad_(False)
-    return bench_sweep.SweepModels(net, clf, NoiseSchedule("linear", 1000), 10, (1, 8, 8))
+                            attention_resolutions=(4,), pool="attention")
+    return SweepModels(Network(net, HPARAMS, step=0), Network(clf, HPARAMS, step=0))
 
 
-def test_chunk_costs_follow_the_chunk_contents(tiny_models):
-    """Item i is sample i % n at scale i // n: a chunk holding only s_cfg = 1 runs the conditional branch
-    alone (1 evaluation per step), one holding s_cfg = 3 the batched 2B forward (2 per step)."""
-    args = benchmark.parse_args(TINY)
-    cpu, steps, n = torch.device("cpu"), 3, 2
-    assert bench_sweep.chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    ranges = bench_sweep.chunk_ranges(n * 2, 2)  # chunk 0 = scale 1.0, chunk 1 = scale 3.0
-    clock = bench_sweep.PhaseClock(cpu)
-    nfe, grads, feats, logits = bench_sweep.sample_chunks(tiny_models, "cfg", (1.0, 3.0), n, ranges, steps, args,
-                                                          clock, ZeroExtractor())
-    assert (nfe, grads) == (n * steps + n * 2 * steps, 0.0) and feats.shape == (4, 4) and logits.shape == (4, 3)
-    assert set(clock.seconds) == {"sampling", "metrics"}
-    # both chunks need their own graph (different step modes) ...
-    assert bench_sweep.warmup_ranges(tiny_models, "cfg", (1.0, 3.0), n, ranges, steps, cpu) == ranges
-    # ... while chunks of one size and mode share one: a full chunk and the last, smaller one
-    ranges = bench_sweep.chunk_ranges(4 * 2, 3)
-    assert bench_sweep.warmup_ranges(tiny_models, "cfg", (2.0, 3.0), 4, ranges, steps, cpu) == [(0, 3), (6, 8)]
-    nfe, grads, _, _ = bench_sweep.sample_chunks(tiny_models, "cg_cond", (0.0, 2.0), 4, ranges, steps, args,
-                                                 clock, ZeroExtractor())
-    # CG: one network evaluation per step everywhere; the classifier only runs in chunks with a nonzero scale
-    # (items 0-2 are all at s_cg = 0, items 3-7 at s_cg = 2)
-    assert (nfe, grads) == (8 * steps, 5 * steps)
+@pytest.fixture(scope="module")
+def tiny_evaluation():
+    ref = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    return Evaluation(PixelExtractor(), "inception", ref, reference_moments(*feature_statistics(ref)), "test-ref")
+
+
+def test_sweep_reports_the_engine_cost_of_every_cell(tiny_models, tiny_evaluation, monkeypatch):
+    """The benchmark's sweep is the engine's run_job, warmed up on the same jobs at min(2, steps) steps; every
+    cell reports `cell_cost` of its (method, scale), combo_cg_scale included, and the totals are the cells'
+    per-sample costs times their samples. Scales 0 and 1 share chunks with 3 (both branches evaluated) but a
+    cell is charged what it needs by itself."""
+    calls = []
+    real_run_job = bench_sweep.run_job
+
+    def recording_run_job(models, config, evaluation, job, sig, **kwargs):
+        calls.append((job.method, job.scales, config.sampling.steps))
+        return real_run_job(models, config, evaluation, job, sig, **kwargs)
+
+    monkeypatch.setattr(bench_sweep, "run_job", recording_run_job)
+    steps, n = 3, 4
+    config = SweepConfig(methods=["cfg", "cg_cond", "cfg+cg"], scales={"cfg": [0.0, 1.0, 3.0], "cg_cond": [0.0, 2.0],
+                         "cfg+cg": [1.0, 2.0]}, num_samples=n, batch_size=5, sampling=SamplerOptions(steps=steps),
+                         guidance=GuidanceOptions(combo_cg_scale=0.5, interval=(0, 500)), classifier_ckpt="random",
+                         grid_size=1, progress=False)
+    timed = bench_sweep.time_sweep(tiny_models, config, tiny_evaluation)
+    jobs = [("cfg", (0.0, 1.0, 3.0)), ("cg_cond", (0.0, 2.0)), ("cfg+cg", (1.0, 2.0))]
+    assert calls == [(*job, 2) for job in jobs] + [(*job, steps) for job in jobs]
+    assert [(c["method"], c["scale"]) for c in timed["metrics"]] == [(m, s) for m, grid in jobs for s in grid]
+    # steps at t = 999, 500, 0; the interval [0, 500] guides the last two: outside it CFG at s = 3 is plain
+    # conditional (1 evaluation) and no classifier runs; s = 0 is unconditional, s = 1 conditional, throughout
+    expected = {("cfg", 0.0): (3, 0), ("cfg", 1.0): (3, 0), ("cfg", 3.0): (5, 0), ("cg_cond", 0.0): (3, 0),
+                ("cg_cond", 2.0): (3, 2), ("cfg+cg", 1.0): (3, 2), ("cfg+cg", 2.0): (5, 2)}
+    for cell in timed["metrics"]:
+        cost = (cell["nfe_per_sample"], cell["classifier_grads_per_sample"])
+        assert cost == expected[cell["method"], cell["scale"]], cell
+        assert cost == cell_cost(make_rule(cell["method"], config.guidance), cell["scale"], 1000, steps)
+        assert set(CELL_METRIC_KEYS) <= set(cell)
+    assert timed["cost"] == {"cfg": {"nfe_per_sample": 11 / 3, "classifier_grads_per_sample": 0.0},
+                             "cg_cond": {"nfe_per_sample": 3.0, "classifier_grads_per_sample": 1.0},
+                             "cfg+cg": {"nfe_per_sample": 4.0, "classifier_grads_per_sample": 2.0}}
+    assert timed["network_evaluations"] == n * sum(c[0] for c in expected.values())
+    assert timed["classifier_passes"] == n * sum(c[1] for c in expected.values())
+    assert set(timed["seconds_per_method"]) == {"cfg", "cg_cond", "cfg+cg"}
+    assert all(isinstance(timed[k], float) and timed[k] >= 0 for k in ("seconds", "warmup_seconds",
+                                                                         "sampling_seconds", "metrics_seconds"))
 
 
 def test_sync_check_runs_both_samplers_under_the_error_mode(tiny_models, monkeypatch):
@@ -154,6 +193,11 @@ def test_defaults():
     assert (args.sweep_samples, args.sweep_steps, args.sweep_batch, args.sweep_compile) == (4, 3, 8, None)
     assert args.sweep_methods == ("cfg", "cg_cond") and all(len(s) == 2 for s in args.sweep_scales.values())
     assert args.step_modes == [None]
+    # the engine's settings, checked at parse time
+    config = args.sweep_config
+    assert (config.methods, config.num_samples, config.batch_size, config.seeds) == (["cfg", "cg_cond"], 4, 8, [0])
+    assert (config.sampling.sampler, config.sampling.steps, config.sampling.compile) == ("ddim", 3, None)
+    assert config.grids == {m: list(s) for m, s in bench_sweep.SMALL_SWEEP_SCALES.items()} and not config.progress
     full = benchmark.parse_args(["--device", "cpu"])
     assert (full.train_batch, full.sample_batch, full.base_channels) == (128, 512, 128)
     # the issue-5 target: 10k samples x 8 scales x {CFG, CG}, 50 DDIM steps, in chunks of 2048
@@ -171,6 +215,8 @@ def test_defaults():
 @pytest.mark.parametrize("argv,message", [
     (["--sweep-batch", "0"], "--sweep-batch: must be a positive integer, got '0'"),
     (["--sweep-samples", "-3"], "--sweep-samples: must be a positive integer"),
+    (["--sweep-samples", "3"], "--sweep-samples: precision/recall's k = 3 neighbourhoods need at least 4"),
+    (["--sweep-steps", "1001"], "option `sweep.sampling.steps`: 1001 sampling steps is outside [1, 1000]"),
     (["--sweep-steps", "many"], "--sweep-steps: must be a positive integer"),
     (["--sweep-compile", "fastest"], "--sweep-compile: invalid choice"),
     (["--sweep-scales", "1,x"], "--sweep-scales: expected comma-separated finite numbers"),

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.diffusion import SamplerOptions
+from lightning_modules.diffusion import OptionError, SamplerOptions
 from lightning_modules.sweep import SweepConfig
 from experiments.train import main
 from lightning_modules import ConditionalDiffusion, NoisyClassifier
@@ -172,3 +172,42 @@ def test_sweep_runs_every_n_epochs_during_fit_and_at_the_end(trained, tmp_path):
     steps = [int(r["diffusion_step"]) for r in read_rows(csv_path)]
     assert steps == [5, 10]  # after epoch 1 and epoch 2; the end-of-fit sweep finds step 10 already done
     assert cli.trainer.global_step == 10
+
+
+@pytest.mark.parametrize("bad", ["--sweep.sampling.steps=0", '--sweep.scales={"cfg": [1.0, NaN]}',
+                                 '--sweep.scales={"cgf": [1.0]}', "--sweep.num_samples=1",
+                                 "--sweep.guidance.interval=[600, 100]"])
+def test_fit_with_a_bad_sweep_option_fails_before_training(tmp_path, bad):
+    args = ["fit", "--config", str(CONFIGS / "digits_diffusion.yaml"), *TINY_NET, *FAST_TRAINER,
+            "--trainer.max_steps=2", f"--trainer.logger.init_args.save_dir={tmp_path}", "--sweep.methods=[cfg]", bad]
+    with pytest.raises((OptionError, SystemExit)):
+        main(args)
+    assert not list(tmp_path.rglob("*.ckpt"))  # no training step ran
+
+
+def test_a_corrupt_ckpt_path_names_the_file_before_anything_runs(trained, tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(trained["diffusion"].read_bytes()[:5000])
+    args = sweep_args(bad, trained["classifier"], tmp_path / "s", trained["cache"], tmp_path / "l")
+    with pytest.raises(OptionError, match=r"broken\.ckpt"):
+        main(args)
+    assert not (tmp_path / "s" / "sweep.csv").exists()
+
+
+def test_trainer_free_sweep_command_ends_with_the_summary_and_paths(trained, tmp_path, capsys):
+    from experiments.sweep import main as sweep_main
+
+    argv = ["--diffusion", str(trained["diffusion"]), "--config", str(CONFIGS / "digits_sweep.yaml"),
+            "--sweep.classifier_ckpt", str(trained["classifier"]), "--sweep.scales",
+            '{"cfg": [0, 2], "cg_cond": [1], "cg_uncond": [2]}', "--sweep.num_samples", "12",
+            "--sweep.sampling.steps", "2", "--sweep.output_dir", str(tmp_path / "out"),
+            "--sweep.cache_dir", str(trained["cache"]), "--sweep.progress", "false"]
+    rows = sweep_main(argv)
+    out = capsys.readouterr().out
+    assert "Best FID per method" in out and str(tmp_path / "out" / "sweep.csv") in out
+    assert len(rows) == 4 and {r["diffusion_step"] for r in rows} == {6}
+    # The same checkpoint through the Lightning callback lands on the same cells (same signature).
+    main(sweep_args(trained["diffusion"], trained["classifier"], tmp_path / "out", trained["cache"],
+                    tmp_path / "logs", {"cfg": [0.0, 2.0], "cg_cond": [1.0], "cg_uncond": [2.0]},
+                    ["--sweep.num_samples=12", "--sweep.sampling.steps=2"]))
+    assert len(read_rows(tmp_path / "out" / "sweep.csv")) == 4  # nothing recomputed

@@ -99,7 +99,7 @@ def test_yaml_shape(sweeps):
             assert (ROOT / config).is_file(), config
     assert sweeps["train"]["metric"]["name"] == "val/loss"
     assert set(sweeps["train"]["parameters"]) == {"model.init_args.p_uncond", "model.init_args.lr"}
-    assert {"sweep.steps", "sweep.sampler", "sweep.interval"} <= set(sweeps["eval"]["parameters"])
+    assert {"sweep.sampling.steps", "sweep.sampling.sampler", "sweep.guidance.interval"} <= set(sweeps["eval"]["parameters"])
 
 
 def test_train_sweep_parses(sweeps, monkeypatch):
@@ -119,16 +119,16 @@ def test_train_sweep_parses(sweeps, monkeypatch):
 
 def test_eval_sweep_parses(sweeps, monkeypatch):
     sweep = sweeps["eval"]
-    for interval in sweep["parameters"]["sweep.interval"]["values"]:
-        values = {**sampled(sweep), "sweep.interval": interval, "sweep.sampler": "ddpm"}
+    for interval in sweep["parameters"]["sweep.guidance.interval"]["values"]:
+        values = {**sampled(sweep), "sweep.guidance.interval": interval, "sweep.sampling.sampler": "ddpm"}
         argv = agent_command(sweep, values)
-        assert f"--sweep.interval=[{interval[0]}, {interval[1]}]" in argv  # W&B's rendering of a list
+        assert f"--sweep.guidance.interval=[{interval[0]}, {interval[1]}]" in argv  # W&B's rendering of a list
         # ckpt_path is a placeholder that does not exist: parsing must not need it (nothing is loaded).
         cfg = parse(cli_args(argv), monkeypatch)
         assert cfg.subcommand == "validate"
         sub = cfg.validate
-        assert tuple(sub.sweep.interval) == tuple(interval)
-        assert sub.sweep.steps == values["sweep.steps"] and sub.sweep.sampler == "ddpm"
+        assert tuple(sub.sweep.guidance.interval) == tuple(interval)
+        assert sub.sweep.sampling.steps == values["sweep.sampling.steps"] and sub.sweep.sampling.sampler == "ddpm"
         assert sub.sweep.methods == ["cfg", "cg_cond", "cg_uncond"]  # digits_sweep.yaml was read
         assert sub.ckpt_path.endswith("last.ckpt") and sub.sweep.classifier_ckpt.endswith("last.ckpt")
         assert sub.trainer.limit_val_batches == 1
@@ -147,5 +147,6 @@ def test_agent_command_runs_as_a_process(sweeps):
         assert proc.returncode == 0, f"{name}: {err[-2000:]}"
         printed[name] = yaml.safe_load(out)
     assert printed["train"]["model"]["init_args"]["p_uncond"] == 0.05
-    assert printed["eval"]["sweep"]["interval"] == [0, 999]
-    assert printed["eval"]["sweep"]["steps"] == 10 and printed["eval"]["sweep"]["sampler"] == "ddim"
+    assert printed["eval"]["sweep"]["guidance"]["interval"] == [0, 999]
+    assert printed["eval"]["sweep"]["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "clip_x0": True,
+                                                     "compile": None}

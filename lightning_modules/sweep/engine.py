@@ -74,13 +74,13 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     """Everything that makes two cells comparable; a cell with the same signature is not redone.
 
     The networks enter by content hash (not path or step), with the extractor's weights, the reference
-    data's fingerprint and every sampling setting; only settings that cannot change a sample (batch size,
-    compile mode, progress) are left out.
+    data's fingerprint and every sampling setting; only settings that cannot change a sample or a metric
+    (batch size, compile mode, grid size, progress) are left out.
     """
     sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
     spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
             "classifier": models.classifier.sha if models.classifier else None, "extractor": evaluation.extractor_id,
-            "reference": evaluation.reference_id, "num_samples": config.num_samples, "grid_size": config.grid_size,
+            "reference": evaluation.reference_id, "num_samples": config.num_samples,
             "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
