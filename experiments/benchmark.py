@@ -2,7 +2,7 @@
 and the wall time of the issue-5 guidance sweep.
 
     python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, full sweep
-    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (1-2 minutes on 2 cores)
+    python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (a few minutes on 2 cores)
     python -m experiments.benchmark --compile both --out bench.jsonl
     python -m experiments.benchmark --compile on --compile-mode reduce-overhead   # both networks with CUDA graphs
     python -m experiments.benchmark --compile off --no-peer --inception-weights /path/to/weights-inception-*.pth

@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diffusion = fit_stage(root, "diffusion", diff_args)
 
     sweep_args = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
-                  str(classifier), "--sweep.num_samples", str(args.num_samples), "--sweep.sampling.steps", str(args.steps),
-                  "--sweep.seeds", json.dumps(args.seeds), *args.extra]
+                  str(classifier), "--sweep.num_samples", str(args.num_samples),
+                  "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds), *args.extra]
     sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
     run = cli([*sweep_args, "--sweep.output_dir", str(sweep_dir), "--trainer.logger.init_args.save_dir",

@@ -114,7 +114,7 @@ class ConditionalDiffusion(L.LightningModule):
     ) -> Tensor:
         """One image per label in [-1, 1]; sample i starts from the noise of keys[i] (see diffusion.noise).
 
-        `method` and per-sample `scales` pick the guidance rule (DESIGN conventions: cfg at 1 is the
+        `method` and per-sample `scales` pick the guidance rule (docs/conventions.md: cfg at 1 is the
         conditional model, at 0 the unconditional one); classifier-guided methods need `grad_fn(x, t, y)`,
         e.g. `functools.partial(classifier_grad, classifier)`.
         """

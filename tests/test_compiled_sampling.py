@@ -4,10 +4,10 @@ Most tests use the "aot_eager" backend (traces and partitions like inductor, gen
 run in seconds on CPU; one slow test compiles with inductor for real.
 """
 
+from functools import partial
+
 import pytest
 import torch
-
-from functools import partial
 
 from lightning_modules.diffusion import (
     GuidanceOptions,

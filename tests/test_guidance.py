@@ -1,10 +1,10 @@
-"""Guarantees of the guidance rules on one sampler loop (DESIGN.md conventions)."""
+"""Guarantees of the guidance rules on one sampler loop (docs/conventions.md)."""
+
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
-
-from functools import partial
 
 from lightning_modules.diffusion import (
     GuidanceOptions,
@@ -121,7 +121,8 @@ def test_classifier_gradient_works_inside_no_grad_and_inference_mode():
 def test_classifier_sees_original_timesteps_under_respacing(setup):
     schedule, labels, _ = setup
     clf = TinyClassifier()
-    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 1.0, grad_fn=partial(classifier_grad, clf))
+    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 1.0,
+                         grad_fn=partial(classifier_grad, clf))
     sample(den, SHAPE, sample_keys(0, torch.arange(6)), 10, "ddim")
     seen = [int(t[0]) for t in clf.seen_t]
     assert seen == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
@@ -162,9 +163,11 @@ def test_guidance_interval_and_schedule_modulate_only_the_excess(setup):
     den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(interval=(0, 500)))
     torch.testing.assert_close(den.at(x, 900).eps, cond)  # outside the band: plain conditional
     assert not torch.allclose(den.at(x, 400).eps, net(x, torch.full((6,), 400), labels))
-    lin = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(scale_schedule="linear"))
+    lin = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0,
+                         options=GuidanceOptions(scale_schedule="linear"))
     assert lin.weight(999) == 0.0 and lin.weight(0) == 1.0
-    cos = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0, options=GuidanceOptions(scale_schedule="cosine"))
+    cos = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 4.0,
+                         options=GuidanceOptions(scale_schedule="cosine"))
     assert abs(cos.weight(999)) < 1e-12 and abs(cos.weight(0) - 1.0) < 1e-12
     uncond_cg = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cg_uncond", 2.0,
                                grad_fn=partial(classifier_grad, TinyClassifier()),

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.diffusion import OptionError, SamplerOptions
-from lightning_modules.sweep import SweepConfig
 from experiments.train import main
 from lightning_modules import ConditionalDiffusion, NoisyClassifier
+from lightning_modules.diffusion import OptionError, SamplerOptions
+from lightning_modules.sweep import SweepConfig
 
 from .helpers import CONFIGS, FAST_TRAINER, ROOT, TINY_NET, fit, sweep_args
 
@@ -127,7 +127,8 @@ def test_sweep_writes_every_cell_resumes_and_logs_offline(trained, tmp_path):
     main(args)
     rows2 = read_rows(out / "sweep.csv")
     assert len(rows2) == 5 and rows2[:2] == kept
-    assert sorted((r["method"], float(r["scale"])) for r in rows2) == sorted((r["method"], float(r["scale"])) for r in rows)
+    cells = sorted((r["method"], float(r["scale"])) for r in rows)
+    assert sorted((r["method"], float(r["scale"])) for r in rows2) == cells
 
 
 def test_same_seeds_give_same_metrics(trained, tmp_path):

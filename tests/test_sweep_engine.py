@@ -195,7 +195,7 @@ BAD_OPTIONS = [
     (dict(sampling=SamplerOptions(steps=0)), "sweep.sampling.steps"),
     (dict(scales={"cfg": [0.0, float("nan")], "cg_cond": [1.0]}), "sweep.scales.cfg"),
     (dict(scales={"cfg": [1.0], "cg_cond": [1.0, float("inf")]}), "sweep.scales.cg_cond"),
-    (dict(num_samples=1), "sweep.num_samples"),
+    (dict(num_samples=3), "sweep.num_samples"),
     (dict(sampling=SamplerOptions(sampler="ddmi")), "sweep.sampling.sampler"),
     (dict(scales={"cgf": [1.0]}), "sweep.scales"),
     (dict(scales={"cfg": []}), "sweep.scales.cfg"),

@@ -99,7 +99,8 @@ def test_yaml_shape(sweeps):
             assert (ROOT / config).is_file(), config
     assert sweeps["train"]["metric"]["name"] == "val/loss"
     assert set(sweeps["train"]["parameters"]) == {"model.init_args.p_uncond", "model.init_args.lr"}
-    assert {"sweep.sampling.steps", "sweep.sampling.sampler", "sweep.guidance.interval"} <= set(sweeps["eval"]["parameters"])
+    expected = {"sweep.sampling.steps", "sweep.sampling.sampler", "sweep.guidance.interval"}
+    assert expected <= set(sweeps["eval"]["parameters"])
 
 
 def test_train_sweep_parses(sweeps, monkeypatch):

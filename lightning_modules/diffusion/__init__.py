@@ -20,7 +20,8 @@ from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule, make_betas, respaced_timesteps
 
 __all__ = [
-    "METHODS", "RULES", "SAMPLERS", "Guided", "GuidanceOptions", "GuidanceRule", "GuidedDenoiser", "NoiseSchedule",
-    "OptionError", "Predictions", "SamplerOptions", "COMPILE_MODES", "StepMode", "cell_cost", "classifier_grad", "condition_mean", "condition_score",
-    "keyed_normal", "make_betas", "make_rule", "respaced_timesteps", "sample", "sample_keys",
+    "COMPILE_MODES", "METHODS", "RULES", "SAMPLERS", "Guided", "GuidanceOptions", "GuidanceRule", "GuidedDenoiser",
+    "NoiseSchedule", "OptionError", "Predictions", "SamplerOptions", "StepMode", "cell_cost", "classifier_grad",
+    "condition_mean", "condition_score", "keyed_normal", "make_betas", "make_rule", "respaced_timesteps", "sample",
+    "sample_keys",
 ]

@@ -7,7 +7,7 @@ method names. The score term is applied by the sampler in the form its update ne
 that sit side by side here (guided-diffusion's condition_score / condition_mean):
     ε-form (DDIM):      ε̂ = ε − σ_t·score,        σ_t = √(1−ᾱ_t)
     mean-form (DDPM):   μ̂ = μ + Σ_t·score
-Scales follow DESIGN conventions: CFG ε̂ = ε_u + s·(ε_c − ε_u) (s = 1 conditional, s = 0 unconditional; no
+Scales follow docs/conventions.md: CFG ε̂ = ε_u + s·(ε_c − ε_u) (s = 1 conditional, s = 0 unconditional; no
 value of s switches guidance off); CG s = 0 is unguided. Every scale is per sample, so all scales of a sweep
 run as one batch.
 """
@@ -226,8 +226,9 @@ class ClassifierFreePlusClassifier(LinearGuidance):
         return scale, _like(scale, self.options.combo_cg_scale)
 
 
-RULES: dict[str, type[GuidanceRule]] = {r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional,
-                                                                ClassifierOnUnconditional, ClassifierFreePlusClassifier)}
+RULES: dict[str, type[GuidanceRule]] = {
+    r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
+                        ClassifierFreePlusClassifier)}
 METHODS = tuple(RULES)
 
 

@@ -93,7 +93,8 @@ class SamplerOptions:
     def check(self, timesteps: int | None = None, prefix: str = "") -> None:
         """Raise OptionError for the first bad setting; with `timesteps`, also check the step count's range."""
         if self.sampler not in SAMPLERS:
-            raise OptionError(f"{prefix}sampler", f"unknown sampler {self.sampler!r}", f"choose one of {list(SAMPLERS)}")
+            raise OptionError(f"{prefix}sampler", f"unknown sampler {self.sampler!r}",
+                              f"choose one of {list(SAMPLERS)}")
         top = "T" if timesteps is None else str(timesteps)
         if not isinstance(self.steps, int) or self.steps < 1 or (timesteps is not None and self.steps > timesteps):
             raise OptionError(f"{prefix}steps", f"{self.steps!r} sampling steps is outside [1, {top}]",

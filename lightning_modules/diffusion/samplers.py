@@ -76,7 +76,7 @@ def ddim_step(den: GuidedDenoiser, x: Tensor, row: Tensor, keys: Tensor, mode: S
     eps = condition_score(guided.eps, guided.score, row[_B_T])
     x0 = _x0_from_eps(x, eps, row)
     if clip_x0:
-        # Recompute ε from the clipped x_0, else large guidance scales collapse (DESIGN.md).
+        # Recompute ε from the clipped x_0, else large guidance scales collapse (docs/conventions.md).
         x0 = x0.clamp(-1, 1)
         eps = (x - row[_A_T] * x0) / row[_B_T]
     x_prev = row[_C0] * x0 + row[_C1] * eps

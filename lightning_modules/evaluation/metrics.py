@@ -77,7 +77,7 @@ def fid_from_stats(mu_r: ArrayLike, sigma_r: ArrayLike, fake_features: ArrayLike
     """FID of fake features against reference statistics (mu_r, sigma_r), on the fake features' device.
 
     Tr((Σ_r Σ_f)^½) is the sum of the square roots of the eigenvalues of Σ_r^½ Σ_f Σ_r^½, a symmetric PSD
-    matrix with the same eigenvalues as Σ_r Σ_f (DESIGN.md): `eigvalsh` applies to it, while `eigvalsh` of
+    matrix with the same eigenvalues as Σ_r Σ_f: `eigvalsh` applies to it, while `eigvalsh` of
     the non-symmetric product itself would be wrong. Equal to torch-fidelity's `eigvals` route to ~1e-10.
     """
     f = _features(fake_features)

@@ -99,17 +99,21 @@ class SweepConfig:
             if len(set(grid)) != len(grid):
                 raise OptionError(f"{P}scales.{method}", f"{grid} repeats a scale", "list each scale once")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed", "give distinct seeds, e.g. [0, 1]")
-        for name, value, least in (("num_samples", self.num_samples, 2), ("batch_size", self.batch_size, 1),
+            raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed",
+                              "give distinct seeds, e.g. [0, 1]")
+        for name, value, least in (("num_samples", self.num_samples, 4), ("batch_size", self.batch_size, 1),
                                    ("grid_size", self.grid_size, 1), ("every_n_epochs", self.every_n_epochs, 0)):
             if not isinstance(value, int) or value < least:
                 raise OptionError(f"{P}{name}", f"{value!r} is below {least}",
-                                  "FID & co need at least 2 samples per cell" if name == "num_samples"
+                                  "precision/recall (k = 3 neighbours) need at least 4 samples per cell"
+                                  if name == "num_samples"
                                   else f"give an integer >= {least}")
         if self.extractor not in EXTRACTORS:
-            raise OptionError(f"{P}extractor", f"unknown extractor {self.extractor!r}", f"choose one of {list(EXTRACTORS)}")
+            raise OptionError(f"{P}extractor", f"unknown extractor {self.extractor!r}",
+                              f"choose one of {list(EXTRACTORS)}")
         if self.precision not in PRECISIONS:
-            raise OptionError(f"{P}precision", f"unknown precision {self.precision!r}", f"choose one of {list(PRECISIONS)}")
+            raise OptionError(f"{P}precision", f"unknown precision {self.precision!r}",
+                              f"choose one of {list(PRECISIONS)}")
         if self.reference_split not in ("train", "val"):
             raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
         self.sampling.check(timesteps, prefix=f"{P}sampling.")

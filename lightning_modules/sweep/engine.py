@@ -129,7 +129,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     feats = torch.zeros(total, evaluation.extractor.num_features, device=device)
     logits = torch.zeros(total, evaluation.logit_width(models.shape, device), device=device)
     grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
-    start, metrics_seconds = time.perf_counter(), 0.0
+    start, feature_seconds = time.perf_counter(), 0.0
     for chunk, images in generate_images(models, config, job, torch.arange(dist.rank, total, dist.world),
                                          autocast_dtype, on_step):
         _sync(device)
@@ -140,11 +140,11 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         in_grid = (chunk % n < g).to(device)
         grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
         _sync(device)
-        metrics_seconds += time.perf_counter() - t0
+        feature_seconds += time.perf_counter() - t0
     for tensor in (feats, logits, grid):
         dist.all_sum(tensor)
     _sync(device)
-    seconds = time.perf_counter() - start
+    sampling_seconds = time.perf_counter() - start - feature_seconds
     t0 = time.perf_counter()
     labels = torch.arange(n) % models.num_classes
     rule = make_rule(job.method, config.guidance)
@@ -155,12 +155,15 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
-                     **evaluation.score(feats[part], logits[part], labels), "seconds": seconds / len(job.scales),
-                     "seconds_per_sample": seconds / total, **models.identity(),
+                     **evaluation.score(feats[part], logits[part], labels), **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})
-    metrics_seconds += time.perf_counter() - t0
+    _sync(device)
+    metrics_seconds = feature_seconds + time.perf_counter() - t0
+    seconds = time.perf_counter() - start  # the whole batched pass, shared equally by its cells
+    for row in rows:
+        row["seconds"], row["seconds_per_sample"] = seconds / len(job.scales), seconds / total
     grids = [grid[j * g:(j + 1) * g].cpu() for j in range(len(job.scales))]
-    return JobResult(rows, grids, seconds - metrics_seconds, metrics_seconds)
+    return JobResult(rows, grids, sampling_seconds, metrics_seconds)
 
 
 def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, store: SweepStore | None, *,
