@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import GuidanceSweep, RunConfigSaver
+from callbacks.console import FitSummary, StepProgressBar, quiet_known_noise
 from datamodules import ImageDataModule
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import SweepConfig
@@ -40,18 +42,31 @@ class GuideCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        sweep = self._get(self.config_init, "sweep")
-        trainer.callbacks.append(GuidanceSweep(sweep))
-        return trainer
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(StepProgressBar())  # total steps and ETA for step-limited fits
+        kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep"))]
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GuideCLI:
+    quiet_known_noise()
     return GuideCLI(
         L.LightningModule,
         ImageDataModule,
         subclass_mode_model=True,
         save_config_callback=RunConfigSaver,
+        parser_kwargs={
+            "description": "Train the diffusion model or the noisy classifier (fit), or run the guidance sweep on a "
+                           "checkpoint (validate). Recipes: configs/experiments/*.yaml.",
+            "fit": {"description": "Train a model (--config configs/experiments/digits_diffusion.yaml). With "
+                                   "sweep.methods set, the guidance sweep runs at the end (and every "
+                                   "sweep.every_n_epochs)."},
+            "validate": {"description": "Run the guidance sweep (the sweep.* options) on --ckpt_path, e.g. "
+                                        "--config digits_diffusion.yaml --config digits_sweep.yaml; also computes "
+                                        "val/loss on the validation batches."},
+        },
         args=args,
         run=run,
     )

@@ -9,6 +9,7 @@ overall and per timestep quartile: q0 = least noisy t < T/4, ..., q3 = most nois
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -24,7 +25,27 @@ QUARTILES = 4
 
 
 class NoisyClassifier(L.LightningModule):
-    """p(y | x_t, t): the half-UNet encoder with time-conditioned AdaGN."""
+    """p(y | x_t, t): the half-UNet encoder with time-conditioned AdaGN.
+
+    Args:
+        num_classes: classes of the data (linked from the DataModule).
+        image_size: image side in pixels (linked from the DataModule).
+        channels: image channels (linked from the DataModule).
+        base_channels: channels of the encoder's first level.
+        channel_mult: channel multiplier per resolution level.
+        num_res_blocks: residual blocks per level.
+        attention_resolutions: feature-map sizes with self-attention.
+        dropout: dropout inside the residual blocks.
+        num_heads: attention heads (also of the attention pooling).
+        pool: how the last feature map becomes logits: adaptive (average) or attention pooling.
+        schedule: noise schedule: must equal the diffusion model's (checked before a sweep).
+        timesteps: training timesteps T: must equal the diffusion model's.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        compile: torch.compile the training network: false, true or a mode.
+        channels_last: train in channels_last memory format.
+    """
 
     def __init__(
         self,
@@ -37,8 +58,8 @@ class NoisyClassifier(L.LightningModule):
         attention_resolutions: Sequence[int] = (),
         dropout: float = 0.0,
         num_heads: int = 4,
-        pool: str = "adaptive",
-        schedule: str = "cosine",
+        pool: Literal["adaptive", "attention"] = "adaptive",
+        schedule: Literal["cosine", "linear"] = "cosine",
         timesteps: int = 1000,
         lr: float = 3e-4,
         weight_decay: float = 0.05,

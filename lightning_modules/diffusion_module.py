@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import torch
@@ -22,7 +23,31 @@ from .training import EMA, adamw_with_warmup, compiled, maybe_channels_last
 
 
 class ConditionalDiffusion(L.LightningModule):
-    """ε- or v-prediction UNet conditioned on a class label, with the null label for CFG."""
+    """ε- or v-prediction UNet conditioned on a class label, with the null label for CFG.
+
+    Args:
+        num_classes: classes of the data (linked from the DataModule); the null label is index num_classes.
+        image_size: image side in pixels (linked from the DataModule).
+        channels: image channels (linked from the DataModule).
+        base_channels: channels of the UNet's first level.
+        channel_mult: channel multiplier per resolution level (one level per entry).
+        num_res_blocks: residual blocks per level.
+        attention_resolutions: feature-map sizes with self-attention, e.g. [16].
+        cross_attention_resolutions: feature-map sizes with cross-attention to learned label tokens.
+        dropout: dropout inside the residual blocks.
+        num_heads: attention heads.
+        norm: how time and label condition the blocks: adagn (GroupNorm · (1 + scale) + shift) or additive.
+        schedule: noise schedule, shared with the noisy classifier: cosine or linear.
+        timesteps: training timesteps T.
+        prediction: what the network predicts: eps or v.
+        p_uncond: label-dropout probability during training (what makes CFG possible).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up.
+        ema_decay: decay of the EMA weights that generate every evaluation sample.
+        compile: torch.compile the training network: false, true or a mode (default, max-autotune, ...).
+        channels_last: train in channels_last memory format (faster convolutions on GPUs).
+    """
 
     def __init__(
         self,
@@ -36,10 +61,10 @@ class ConditionalDiffusion(L.LightningModule):
         cross_attention_resolutions: Sequence[int] = (),
         dropout: float = 0.1,
         num_heads: int = 4,
-        norm: str = "adagn",
-        schedule: str = "cosine",
+        norm: Literal["adagn", "additive"] = "adagn",
+        schedule: Literal["cosine", "linear"] = "cosine",
         timesteps: int = 1000,
-        prediction: str = "eps",
+        prediction: Literal["eps", "v"] = "eps",
         p_uncond: float = 0.1,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
