@@ -27,6 +27,7 @@ class LastCheckpoint(ModelCheckpoint):
     monitored save (after validations), and its `on_train_end` writes `last.ckpt` only when nothing at all was
     saved before. Keep a monitored ModelCheckpoint (`save_last: false`) beside this one for `best-step=N.ckpt`.
     The name is always `last.ckpt` (no `last-v1.ckpt` next to an older one): resume and reuse look for it.
+    Pair it with ExactResume: a step-cadence save precedes the LightningModule's own `on_train_batch_end`.
     """
 
     def __init__(self, dirpath: str | Path | None = None, every_n_train_steps: int = 100,

@@ -9,7 +9,7 @@ import os
 import pickle
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import lightning.pytorch as L
 import torch
@@ -137,9 +137,23 @@ class ImageDataModule(L.LightningDataModule):
     do not apply); digits and a folder without ``train/``+``val/`` are split by ``seed`` and ``val_fraction``.
     Folder images are always decoded as RGB (channels = 3), resized on the short side and center-cropped;
     without ``image_size`` they keep the short side of the first image.
+
+    Args:
+        name: the data set: digits (embedded, offline), mnist, fashion_mnist, cifar10, cifar100, or folder
+            (data_dir/<class>/*.png, or data_dir/train/<class>/ and data_dir/val/<class>/).
+        data_dir: where the files are (or are downloaded to with download=true).
+        image_size: resize to this side in pixels; null = the data set's own size.
+        batch_size: training batch size per process.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        val_fraction: share held out for validation where the data set has no official split.
+        seed: seed of that split and of the training order.
+        download: fetch MNIST / Fashion-MNIST / CIFAR when missing (needs the network).
+        hflip: random horizontal flips in training; null = on for CIFAR and folders, off for digits/MNIST.
+        on_device: keep a small tensor data set on the accelerator and gather batches there (no workers).
     """
 
-    def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int | None = None,
+    def __init__(self, name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder"] = "digits",
+                 data_dir: str = "data", image_size: int | None = None,
                  batch_size: int = 128, num_workers: int = 0, val_fraction: float = 0.15,
                  seed: int = 0, download: bool = False, hflip: bool | None = None, on_device: bool = False) -> None:
         super().__init__()

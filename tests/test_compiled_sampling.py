@@ -61,12 +61,12 @@ def _draw(nets, sampler="ddim", eta=0.0, compile=None, backend="aot_eager", offs
 MIXED = [0.0, 1.0, 2.5] * 4
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0), ("dpmpp_2m", 0.0)])
 def test_compiled_step_gives_the_eager_samples_and_costs(nets, sampler, eta):
     ref, den_ref = _draw(nets, sampler, eta)
     out, den = _draw(nets, sampler, eta, compile="default", backend=CountingBackend())
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert cell_cost(den.rule, 2.5, 1000, 8) == (16, 8)
+    assert cell_cost(den.rule, 2.5, NoiseSchedule(), 8) == (16, 8)
 
 
 def test_compiled_step_under_bf16_autocast(nets):

@@ -219,7 +219,7 @@ def test_score_is_applied_in_eps_form_and_mean_form():
 
 def test_cell_cost_counts_what_a_cell_needs_by_itself():
     def cost(method, scale, **options):
-        return cell_cost(make_rule(method, GuidanceOptions(**options)), scale, 1000, 10)
+        return cell_cost(make_rule(method, GuidanceOptions(**options)), scale, NoiseSchedule(), 10)
 
     assert cost("cfg", 0.0) == (10, 0)  # unconditional: one branch
     assert cost("cfg", 1.0) == (10, 0)  # conditional: one branch

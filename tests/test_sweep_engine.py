@@ -9,7 +9,14 @@ import sys
 import pytest
 import torch
 
-from lightning_modules.diffusion import GuidanceOptions, OptionError, SamplerOptions, cell_cost, make_rule
+from lightning_modules.diffusion import (
+    GuidanceOptions,
+    NoiseSchedule,
+    OptionError,
+    SamplerOptions,
+    cell_cost,
+    make_rule,
+)
 from lightning_modules.networks import EncoderClassifier, UNet
 from lightning_modules.sweep import (
     Evaluation,
@@ -89,7 +96,8 @@ def test_rows_record_network_identity_and_pure_cost(tmp_path, evaluation):
         assert (r["diffusion_step"], r["classifier_step"]) == (10, 5)
         assert (r["diffusion_sha"], r["classifier_sha"]) == (models.diffusion.sha, models.classifier.sha)
         rule = make_rule(r["method"])
-        assert (r["nfe_per_sample"], r["classifier_grads_per_sample"]) == cell_cost(rule, r["scale"], 1000, 3)
+        cost = cell_cost(rule, r["scale"], NoiseSchedule(), 3)
+        assert (r["nfe_per_sample"], r["classifier_grads_per_sample"]) == cost
         assert r["gamma"] == rule.gamma(r["scale"])
         assert (tmp_path / r["grid"]).stat().st_size > 0
 
@@ -209,6 +217,11 @@ BAD_OPTIONS = [
     (dict(extractor="vgg"), "sweep.extractor"),
     (dict(precision="fp8"), "sweep.precision"),
     (dict(classifier_ckpt=None), "sweep.classifier_ckpt"),
+    (dict(methods=["cfgpp"], scales={"cfgpp": [0.5, 1.5]}), "sweep.scales.cfgpp"),
+    (dict(methods=["cfgpp"], scales=None, sampling=SamplerOptions(sampler="ddpm")), "sweep.sampling.sampler"),
+    (dict(sampling=SamplerOptions(threshold=1.5)), "sweep.sampling.threshold"),
+    (dict(guidance=GuidanceOptions(sigma_interval=(2.0, 1.0))), "sweep.guidance.sigma_interval"),
+    (dict(guidance=GuidanceOptions(apg_threshold=0.0)), "sweep.guidance.apg_threshold"),
 ]
 
 

@@ -2,20 +2,17 @@
 
 from .denoiser import GuidedDenoiser
 from .guidance import (
-    METHODS,
-    RULES,
     GuidanceRule,
     Guided,
     Predictions,
     StepMode,
-    cell_cost,
     classifier_grad,
     condition_mean,
     condition_score,
-    make_rule,
 )
 from .noise import keyed_normal, sample_keys
 from .options import COMPILE_MODES, GuidanceOptions, OptionError, SamplerOptions
+from .rules import METHODS, RULES, cell_cost, make_rule
 from .samplers import SAMPLERS, sample
 from .schedule import NoiseSchedule, make_betas, respaced_timesteps
 

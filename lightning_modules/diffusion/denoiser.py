@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .guidance import GradFn, GuidanceRule, Guided, Predictions, StepMode, guidance_weight, make_rule
+from .guidance import GradFn, GuidanceRule, Guided, Predictions, StepMode, guidance_weight
 from .options import GuidanceOptions
+from .rules import make_rule
 from .schedule import NoiseSchedule
 
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> model output (ε or v)
@@ -45,7 +46,7 @@ class GuidedDenoiser:
 
     def weight(self, t: int) -> float:
         """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
-        return guidance_weight(t, self.schedule.timesteps, self.rule.options)
+        return guidance_weight(t, self.schedule, self.rule.options)
 
     def mode(self, t: int) -> StepMode:
         """Which evaluations step t needs (host side: no device sync)."""
@@ -55,12 +56,14 @@ class GuidedDenoiser:
         out = self.net(x, t, y).float()
         return self.schedule.eps_from_output(self.prediction, out, x, t)
 
-    def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode) -> Guided:
-        """The guided prediction at training indices t (B,) with guidance weight w (0-d tensor).
+    def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode, memory: Tensor | None = None) -> Guided:
+        """The guided prediction at training indices t (B,) with guidance weight w (0-d tensor); `memory` is
+        the rule's state from the previous step (the sampler carries it; zeros at the first step).
 
         Pure tensor code (no host reads), so a sampler may compile it into its step.
         """
-        p = Predictions(x, t)
+        a_t, sigma_t = self.schedule.coef("sqrt_ab", t, x), self.schedule.coef("sqrt_1m_ab", t, x)
+        p = Predictions(x, t, a_t, sigma_t, torch.zeros_like(x) if memory is None else memory)
         if mode.branches == ("cond", "uncond"):
             # One batched forward; chunk order is fixed: conditional first, null label second.
             both = self._eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.labels, self.null]))

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .options import GuidanceOptions, OptionError
-from .schedule import respaced_timesteps
+from .options import GuidanceOptions
+from .schedule import NoiseSchedule
 
 GradFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> ∇_x log p(y | x_t)
 
@@ -48,21 +48,37 @@ class StepMode:
 
 @dataclass
 class Predictions:
-    """What a rule may combine at one step; a branch not in the step's mode is None."""
+    """What a rule may combine at one step (ε of each branch); a branch not in the step's mode is None.
+
+    `a_t`, `sigma_t` (√ᾱ_t, √(1−ᾱ_t), shaped to broadcast) convert between ε and x̂0 for rules that act in
+    x̂0 space; `memory` is the rule's own state carried from the previous step (zeros at the first).
+    """
 
     x: Tensor
     t: Tensor
+    a_t: Tensor
+    sigma_t: Tensor
+    memory: Tensor
     cond: Tensor | None = None
     uncond: Tensor | None = None
     grad: Tensor | None = None  # ∇_{x_t} log p(y | x_t), unscaled
 
+    def x0(self, eps: Tensor) -> Tensor:
+        return (self.x - self.sigma_t * eps) / self.a_t
+
+    def eps(self, x0: Tensor) -> Tensor:
+        return (self.x - self.a_t * x0) / self.sigma_t
+
 
 @dataclass
 class Guided:
-    """A rule's output: the guided ε, and an extra score term (already scaled) for the sampler to apply."""
+    """A rule's output: the guided ε, an extra score term (already scaled) for the sampler to apply, and the
+    ε a deterministic sampler renoises with when it is not `eps` (CFG++)."""
 
     eps: Tensor
     score: Tensor | None = None
+    eps_renoise: Tensor | None = None
+    memory: Tensor | None = None  # the rule's state for the next step (None = unchanged)
 
 
 def condition_score(eps: Tensor, score: Tensor | None, sigma_t: Tensor) -> Tensor:
@@ -94,11 +110,17 @@ def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> T
         return torch.autograd.grad(log_prob(x_in), x_in)[0]
 
 
-def guidance_weight(t: int, timesteps: int, options: GuidanceOptions) -> float:
+def guidance_weight(t: int, schedule: NoiseSchedule, options: GuidanceOptions) -> float:
     """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
     if options.interval is not None and not options.interval[0] <= t <= options.interval[1]:
         return 0.0
-    progress = 1.0 - t / (timesteps - 1)  # 0 at pure noise, 1 at the data end
+    if options.sigma_interval is not None:
+        # Kynkäänniemi et al. 2024 define the interval on the noise level σ = √((1−ᾱ)/ᾱ): guide in (lo, hi].
+        ab = schedule.alpha_bar(t)
+        sigma = math.sqrt((1 - ab) / ab)
+        if not options.sigma_interval[0] < sigma <= options.sigma_interval[1]:
+            return 0.0
+    progress = 1.0 - t / (schedule.timesteps - 1)  # 0 at pure noise, 1 at the data end
     if options.scale_schedule == "linear":
         return progress
     if options.scale_schedule == "cosine":
@@ -111,6 +133,8 @@ class GuidanceRule:
 
     name: ClassVar[str]
     uses_gradient: ClassVar[bool] = False  # may need a classifier gradient at some scale
+    scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
+    samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it is defined on (None = all)
 
     def __init__(self, options: GuidanceOptions | None = None) -> None:
         self.options = options or GuidanceOptions()
@@ -132,120 +156,3 @@ class GuidanceRule:
         raise NotImplementedError
 
 
-class LinearGuidance(GuidanceRule):
-    """Points of the general form ε̂ = ε_u + s_cfg·(ε_c − ε_u), score = s_cg·∇log p(y|x_t).
-
-    A subclass only maps its native scale to (s_cfg, s_cg) in `split`, written so it works on floats and on
-    per-sample tensors alike. The guidance weight w modulates only what lies beyond the base branch (the
-    conditional one, or the unconditional one where s_cfg = 0), so outside an interval a sample is plain
-    conditional (or plain unconditional) sampling.
-    """
-
-    def split(self, scale):  # float -> (float, float); Tensor -> (Tensor, Tensor)
-        raise NotImplementedError
-
-    def gamma(self, scale: float) -> float:
-        s_cfg, s_cg = self.split(scale)
-        return s_cfg + s_cg
-
-    def needs_gradient(self, scale: float) -> bool:
-        return self.split(scale)[1] != 0
-
-    def mode(self, scales: Sequence[float], w: float) -> StepMode:
-        pairs = [self.split(s) for s in scales]
-        effective = {(1.0 + (c - 1.0) * w) if c != 0 else 0.0 for c, _ in pairs}
-        branches = ("cond",) if effective == {1.0} else ("uncond",) if effective == {0.0} else ("cond", "uncond")
-        return StepMode(branches, w != 0.0 and any(g != 0 for _, g in pairs))
-
-    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
-        s_cfg, s_cg = self.split(scale)
-        score = None if p.grad is None else (s_cg * w).view(-1, 1, 1, 1) * p.grad
-        if p.uncond is None or p.cond is None:
-            return Guided(p.cond if p.uncond is None else p.uncond, score)
-        base = (s_cfg != 0).float()  # 1 = the conditional branch is the base, 0 = the unconditional one
-        s = (base + (s_cfg - base) * w).view(-1, 1, 1, 1)
-        guided = p.uncond + s * (p.cond - p.uncond)
-        if self.options.cfg_rescale > 0:
-            # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's.
-            dims = tuple(range(1, guided.ndim))
-            ratio = p.cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
-            phi = self.options.cfg_rescale
-            guided = phi * guided * ratio + (1 - phi) * guided
-        return Guided(guided, score)
-
-
-def _like(scale, value: float):
-    return scale * 0 + value  # a constant shaped like `scale` (float or tensor)
-
-
-class NoGuidance(LinearGuidance):
-    """The plain conditional model (the scale is ignored)."""
-
-    name = "none"
-
-    def split(self, scale):
-        return _like(scale, 1.0), _like(scale, 0.0)
-
-
-class ClassifierFree(LinearGuidance):
-    """CFG (Ho & Salimans 2022): ε̂ = ε_u + s·(ε_c − ε_u); γ = s."""
-
-    name = "cfg"
-
-    def split(self, scale):
-        return scale, _like(scale, 0.0)
-
-
-class ClassifierOnConditional(LinearGuidance):
-    """CG on the conditional branch (Dhariwal & Nichol 2021): ε_c guided by s·∇log p(y|x_t); γ = 1 + s."""
-
-    name = "cg_cond"
-    uses_gradient = True
-
-    def split(self, scale):
-        return _like(scale, 1.0), scale
-
-
-class ClassifierOnUnconditional(LinearGuidance):
-    """CG on the null-label branch of the same network; γ = s."""
-
-    name = "cg_uncond"
-    uses_gradient = True
-
-    def split(self, scale):
-        return _like(scale, 0.0), scale
-
-
-class ClassifierFreePlusClassifier(LinearGuidance):
-    """CFG at the swept scale plus CG at the fixed `combo_cg_scale`; γ = s + combo."""
-
-    name = "cfg+cg"
-    uses_gradient = True
-
-    def split(self, scale):
-        return scale, _like(scale, self.options.combo_cg_scale)
-
-
-RULES: dict[str, type[GuidanceRule]] = {
-    r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
-                        ClassifierFreePlusClassifier)}
-METHODS = tuple(RULES)
-
-
-def make_rule(method: str, options: GuidanceOptions | None = None) -> GuidanceRule:
-    """The rule object for a method name."""
-    if method not in RULES:
-        raise OptionError("methods", f"unknown guidance method {method!r}", f"choose from {list(METHODS)}")
-    return RULES[method](options)
-
-
-def cell_cost(rule: GuidanceRule, scale: float, timesteps: int, steps: int) -> tuple[float, float]:
-    """(network evaluations, classifier passes) per sample of one cell sampled on its own: a pure function
-    of the plan. (A batched pass may evaluate both CFG branches for s = 0 or 1 when its chunk also holds
-    other scales; the cost a cell is reported with is what it needs by itself.)"""
-    nfe = passes = 0
-    for t in respaced_timesteps(timesteps, steps):
-        mode = rule.mode([scale], guidance_weight(t, timesteps, rule.options))
-        nfe += mode.network_evaluations
-        passes += int(mode.gradient)
-    return float(nfe), float(passes)

@@ -33,17 +33,28 @@ class GuidanceOptions:
         cfg_rescale: φ of Lin et al. (2023): blend the CFG output towards the conditional prediction's
             per-sample std, in [0, 1]; 0 = off.
         combo_cg_scale: the classifier-guidance scale of method 'cfg+cg' (its CFG scale is the swept one).
+        sigma_interval: guide only where the noise level σ = √((1−ᾱ)/ᾱ) lies in (lo, hi] (Kynkäänniemi et al.
+            2024 define their interval on σ); combines with `interval`. null = every step.
+        apg_eta: APG's weight of the guidance part parallel to x̂0_c (paper: 0; 1 with no momentum or
+            threshold is CFG).
+        apg_momentum: APG's β in Δ ← Δ + β·Δ_prev (the paper recommends β < 0).
+        apg_threshold: APG's norm threshold r on Δ (per sample, over all pixels); null = none.
     """
 
     interval: tuple[int, int] | None = None
     scale_schedule: Literal["constant", "linear", "cosine"] = "constant"
     cfg_rescale: float = 0.0
     combo_cg_scale: float = 1.0
+    sigma_interval: tuple[float, float] | None = None
+    apg_eta: float = 0.0
+    apg_momentum: float = -0.5
+    apg_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # Checked by whoever consumes the options (with the model's timesteps and the option's full name).
-        if self.interval is not None:
-            object.__setattr__(self, "interval", tuple(self.interval))
+        for name in ("interval", "sigma_interval"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def check(self, timesteps: int | None = None, prefix: str = "") -> None:
         """Raise OptionError for the first bad setting; with `timesteps`, also check the interval's range."""
@@ -56,6 +67,18 @@ class GuidanceOptions:
                 top = "T-1" if timesteps is None else str(timesteps - 1)
                 raise OptionError(f"{prefix}interval", f"{list(self.interval)} leaves the timestep range [0, {top}]",
                                   f"choose lo >= 0 and hi <= {top}")
+        if self.sigma_interval is not None:
+            lo_hi = tuple(self.sigma_interval)
+            if len(lo_hi) != 2 or not all(math.isfinite(v) and v >= 0 for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
+                raise OptionError(f"{prefix}sigma_interval", f"{list(lo_hi)} is not a noise-level band (lo, hi] "
+                                  "with 0 <= lo < hi", "give σ values in increasing order, e.g. [0.34, 1.02]")
+        for name in ("apg_eta", "apg_momentum"):
+            if not math.isfinite(getattr(self, name)):
+                raise OptionError(f"{prefix}{name}", f"{getattr(self, name)} is not a finite number",
+                                  "give a finite number")
+        if self.apg_threshold is not None and not (math.isfinite(self.apg_threshold) and self.apg_threshold > 0):
+            raise OptionError(f"{prefix}apg_threshold", f"r = {self.apg_threshold} is not a positive number",
+                              "use null (no threshold) or a positive norm")
         if self.scale_schedule not in SCALE_SCHEDULES:
             raise OptionError(f"{prefix}scale_schedule", f"unknown schedule {self.scale_schedule!r}",
                               f"choose one of {list(SCALE_SCHEDULES)}")
@@ -67,7 +90,7 @@ class GuidanceOptions:
                               "give a finite classifier-guidance scale for 'cfg+cg'")
 
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -76,18 +99,22 @@ class SamplerOptions:
     """How samples are drawn.
 
     Args:
-        sampler: ddim (ε-form guidance, η below) or ddpm (ancestral, fixed-small variance, mean-form guidance).
+        sampler: ddim (ε-form guidance, η below), ddpm (ancestral, fixed-small variance, mean-form guidance) or
+            dpmpp_2m (DPM-Solver++(2M), data-prediction multistep with lower-order final steps: 15-20 steps).
         steps: sampling steps, evenly respaced over the training timesteps.
         eta: DDIM's η >= 0: 0 is deterministic DDIM, 1 is DDPM-like noise.
         clip_x0: clip the predicted x₀ to [-1, 1] and recompute ε from it at every step.
+        threshold: dynamic thresholding's quantile p (Saharia et al. 2022; e.g. 0.995) instead of the static
+            clip: per sample s = max(1, quantile_p |x̂0|), x̂0 ← clip(x̂0, −s, s)/s, ε recomputed. null = off.
         compile: null (eager) or a torch.compile mode for the whole sampler step: default, reduce-overhead
             (adds CUDA graphs), max-autotune, max-autotune-no-cudagraphs.
     """
 
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
     steps: int = 50
     eta: float = 0.0
     clip_x0: bool = True
+    threshold: float | None = None
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
 
     def check(self, timesteps: int | None = None, prefix: str = "") -> None:
@@ -102,6 +129,9 @@ class SamplerOptions:
         if not (math.isfinite(self.eta) and self.eta >= 0):
             raise OptionError(f"{prefix}eta", f"η = {self.eta} is not a finite number >= 0",
                               "use 0 (deterministic DDIM) up to 1 (DDPM-like)")
+        if self.threshold is not None and not (isinstance(self.threshold, float) and 0.5 <= self.threshold <= 1.0):
+            raise OptionError(f"{prefix}threshold", f"quantile {self.threshold!r} is outside [0.5, 1]",
+                              "use null (static clip) or a high quantile such as 0.995")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise OptionError(f"{prefix}compile", f"unknown torch.compile mode {self.compile!r}",
                               f"use null (eager) or one of {list(COMPILE_MODES)}")

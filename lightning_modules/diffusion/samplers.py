@@ -1,14 +1,19 @@
-"""Samplers on a respaced subset of the training timesteps: DDIM (η) and DDPM ancestral.
+"""Samplers on a respaced subset of the training timesteps: DDIM (η), DDPM ancestral and DPM-Solver++(2M).
 
 One loop serves every guidance method: the GuidedDenoiser returns the rule's guided ε and its extra score
-term, and the sampler applies that term in the form its update needs (ε-form for DDIM via
-`condition_score`, mean-form for ancestral via `condition_mean`). Samplers know no method names.
+term, and the sampler applies that term in the form its update needs (ε-form for DDIM and DPM-Solver++ via
+`condition_score`, mean-form for ancestral via `condition_mean`). Samplers know no method names; a rule
+may also hand back the ε to renoise with (CFG++), which DDIM uses for its direction term.
 
-Every per-step scalar (timestep, ᾱ terms, σ, guidance weight, noise stream) is computed on the host
-before the loop and handed to the step as one row of a device tensor. A step is therefore pure
+Every per-step scalar (timestep, ᾱ terms, σ, guidance weight, noise stream, solver weights) is computed on
+the host before the loop and handed to the step as one row of a device tensor. A step is therefore pure
 tensor code with static shapes: the loop never waits on the device, and `compile=` turns each step
-(network, CFG combination, classifier forward + backward, update) into one compiled graph, with CUDA
-graphs under mode "reduce-overhead".
+(network, guidance, classifier forward + backward, update) into one compiled graph, with CUDA graphs under
+mode "reduce-overhead". The loop state is (x, previous x̂0, the rule's memory, thresholded steps).
+
+x̂0 handling, per step: `clip_x0` clips to [-1, 1]; `threshold = p` is Imagen's dynamic thresholding
+(s = max(1, quantile_p |x̂0|) per sample, x̂0 ← clip(x̂0, −s, s)/s). Either way ε is recomputed from the
+new x̂0 before the update, so large guidance scales do not collapse for a sampler-side reason.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from .noise import keyed_normal
 from .options import COMPILE_MODES, SAMPLERS
 from .schedule import respaced_timesteps
 
+# x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum), thresholded steps (B,)
+State = tuple[Tensor, Tensor, Tensor, Tensor]
+
 # Columns of the per-step table: t, guidance weight, noise stream, √ᾱ_t, √(1−ᾱ_t), then the update's
-# own coefficients (DDIM: √ᾱ_s, √(1−ᾱ_s−σ²), σ; DDPM: x̂0 and x_t posterior weights, √var, CG weight).
+# own coefficients (DDIM: √ᾱ_s, √(1−ᾱ_s−σ²), σ; DDPM: x̂0 and x_t posterior weights, √var, CG weight;
+# DPM-Solver++: σ_s/σ_t, √ᾱ_s·(1 − e^{−h}), and the 2M weights of the current and the previous x̂0).
 _T, _W, _STREAM, _A_T, _B_T, _C0, _C1, _C2, _C3 = range(9)
 
 
@@ -48,13 +57,42 @@ def _ddpm_row(ab_t: float, ab_s: float, last: bool) -> list[float]:
     return [c_x0, c_xt, math.sqrt(var), beta_ts if last else var]  # var = 0 at the last step: no noise
 
 
+def _lambda(ab: float) -> float:
+    """λ = log(√ᾱ / √(1−ᾱ)), the half log-SNR; +inf at the data end."""
+    return math.inf if ab >= 1.0 else 0.5 * math.log(ab / (1.0 - ab))
+
+
+def _dpmpp_row(ab_t: float, ab_s: float, ab_prev: float | None, last_order1: bool) -> list[float]:
+    """DPM-Solver++ (Lu et al. 2022) in data-prediction form, x_s = (σ_s/σ_t)·x_t + √ᾱ_s·(1 − e^{−h})·D with
+    h = λ_s − λ_t; 2M: D = (1 + 1/2r)·D_t − (1/2r)·D_prev, r = h_prev/h. First order (= DDIM η=0) on the
+    first step, on the step to the data end (h = ∞) and, with `last_order1`, on the last two steps."""
+    if ab_s >= 1.0:  # to the data end: σ_s = 0, e^{−h} = 0, so x_0 = D_t exactly
+        return [0.0, 1.0, 1.0, 0.0]
+    lam_t, lam_s = _lambda(ab_t), _lambda(ab_s)
+    h = lam_s - lam_t
+    ratio, c_d = math.sqrt((1 - ab_s) / (1 - ab_t)), math.sqrt(ab_s) * -math.expm1(-h)
+    if ab_prev is None or last_order1:
+        return [ratio, c_d, 1.0, 0.0]
+    r = (lam_t - _lambda(ab_prev)) / h
+    return [ratio, c_d, 1.0 + 0.5 / r, -0.5 / r]
+
+
 def step_table(den: GuidedDenoiser, pairs: list[tuple[int, int]], sampler: str, eta: float,
                device: torch.device) -> Tensor:
     """(steps, 9) float32 table of every per-step scalar, computed in float64 on the host."""
     rows = []
     for i, (t, s) in enumerate(pairs):
         ab_t, ab_s = den.schedule.alpha_bar(t), den.schedule.alpha_bar(s)
-        own = _ddim_row(ab_t, ab_s, eta) if sampler == "ddim" else _ddpm_row(ab_t, ab_s, s < 0)
+        if sampler == "ddim":
+            own = _ddim_row(ab_t, ab_s, eta)
+        elif sampler == "ddpm":
+            own = _ddpm_row(ab_t, ab_s, s < 0)
+        else:
+            ab_prev = den.schedule.alpha_bar(pairs[i - 1][0]) if i > 0 else None
+            # Lower-order final steps keep few-step guided sampling stable (Lu et al. 2022, §3.3): always into
+            # t = 0, where λ jumps (a 2M step there extrapolates far: 1/2r ≫ 1), and the last three below 15 steps.
+            final = len(pairs) - (3 if len(pairs) < 15 else 2)
+            own = _dpmpp_row(ab_t, ab_s, ab_prev, last_order1=i >= final)
         rows.append([t, den.weight(t), i + 1, math.sqrt(ab_t), math.sqrt(1 - ab_t), *own])
     return torch.tensor(rows, dtype=torch.float64).to(device, torch.float32)
 
@@ -68,38 +106,65 @@ def _x0_from_eps(x: Tensor, eps: Tensor, row: Tensor) -> Tensor:
     return (x - row[_B_T] * eps) / row[_A_T]
 
 
-def ddim_step(den: GuidedDenoiser, x: Tensor, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
-              clip_x0: bool) -> Tensor:
-    """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
-    t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode)
-    eps = condition_score(guided.eps, guided.score, row[_B_T])
-    x0 = _x0_from_eps(x, eps, row)
+def _limit_x0(x0: Tensor, clip_x0: bool, threshold: float | None) -> tuple[Tensor, Tensor]:
+    """x̂0 clipped or dynamically thresholded, and which samples were thresholded (B,) float."""
+    if threshold is not None:
+        # Imagen (Saharia et al. 2022): s = max(1, quantile_p |x̂0|) per sample; x̂0 ← clip(x̂0, −s, s)/s.
+        q = torch.quantile(x0.abs().flatten(1).float(), threshold, dim=1)
+        s = q.clamp_min(1.0).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s, (q > 1.0).float()
     if clip_x0:
-        # Recompute ε from the clipped x_0, else large guidance scales collapse (docs/conventions.md).
-        x0 = x0.clamp(-1, 1)
-        eps = (x - row[_A_T] * x0) / row[_B_T]
-    x_prev = row[_C0] * x0 + row[_C1] * eps
+        return x0.clamp(-1, 1), torch.zeros(len(x0), device=x0.device)
+    return x0, torch.zeros(len(x0), device=x0.device)
+
+
+def _memory(guided, memory: Tensor) -> Tensor:
+    return memory if guided.memory is None else guided.memory
+
+
+def ddim_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
+              clip_x0: bool, threshold: float | None) -> State:
+    """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
+    x, d_prev, memory, count = state
+    t, w, stream = _unpack(x, row)
+    guided = den(x, t, w, mode, memory)
+    eps = condition_score(guided.eps, guided.score, row[_B_T])
+    x0, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    if clip_x0 or threshold is not None:
+        eps = (x - row[_A_T] * x0) / row[_B_T]  # recompute ε from the limited x̂0 (docs/conventions.md)
+    direction = eps if guided.eps_renoise is None else guided.eps_renoise  # CFG++ renoises with ε_u
+    x_prev = row[_C0] * x0 + row[_C1] * direction
     if noisy:
         x_prev = x_prev + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
-    return x_prev
+    return x_prev, d_prev, _memory(guided, memory), count + hit
 
 
-def ddpm_step(den: GuidedDenoiser, x: Tensor, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
-              clip_x0: bool) -> Tensor:
+def ddpm_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
+              clip_x0: bool, threshold: float | None) -> State:
     """x_t → x_s by the posterior q(x_s | x_t, x̂_0) of the (respaced) chain, fixed-small variance. CG in mean-form."""
+    x, d_prev, memory, count = state
     t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode)
-    x0 = _x0_from_eps(x, guided.eps, row)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
+    guided = den(x, t, w, mode, memory)
+    x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, row), clip_x0, threshold)
     mean = condition_mean(row[_C0] * x0 + row[_C1] * x, guided.score, row[_C3])
     if noisy:
         mean = mean + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
-    return mean
+    return mean, d_prev, _memory(guided, memory), count + hit
 
 
-_STEPS = {"ddim": ddim_step, "ddpm": ddpm_step}
+def dpmpp_2m_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
+                  clip_x0: bool, threshold: float | None) -> State:
+    """DPM-Solver++(2M): a multistep update on the data prediction D = x̂0 (limited before use). CG in ε-form."""
+    x, d_prev, memory, count = state
+    t, w, _ = _unpack(x, row)
+    guided = den(x, t, w, mode, memory)
+    eps = condition_score(guided.eps, guided.score, row[_B_T])
+    d, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    x_next = row[_C0] * x + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
+    return x_next, d, _memory(guided, memory), count + hit
+
+
+_STEPS = {"ddim": ddim_step, "ddpm": ddpm_step, "dpmpp_2m": dpmpp_2m_step}
 
 
 @functools.cache
@@ -120,12 +185,15 @@ def compiled_step(sampler: str, mode: str = "default", backend: str | Callable =
 def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int, sampler: str = "ddim",
            eta: float = 0.0, clip_x0: bool = True, progress: bool = False, desc: str = "sampling",
            compile: str | None = None, compile_backend: str | Callable = "inductor",
-           callback: Callable[[int], None] | None = None) -> Tensor:
+           callback: Callable[[int], None] | None = None, threshold: float | None = None,
+           stats: dict | None = None) -> Tensor:
     """Draw len(keys) samples of `shape` (C, H, W); sample i starts from the noise of keys[i].
 
     With clip_x0 the data range is [-1, 1]: predicted x_0 is clipped each step and the result too.
     `compile` is a torch.compile mode (None = eager; "reduce-overhead" adds CUDA graphs on GPUs).
-    `callback(i)` runs on the host after step i (progress bars; it must not read the device).
+    `callback(i)` runs on the host after step i (progress bars; it must not read the device). `threshold`
+    is dynamic thresholding's quantile p (instead of the static clip); with a `stats` dict, its
+    "thresholded_steps" gets the number of steps each sample was thresholded at (a device tensor).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -135,17 +203,21 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
     table = step_table(den, pairs, sampler, eta, keys.device)
     # The last step's noise coefficient is 0 in the table; drawing it anyway keeps one graph for all steps.
-    noisy = sampler == "ddpm" or eta > 0
+    noisy = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
     x = keyed_normal(keys, 0, tuple(shape))
+    state: State = (x, torch.zeros_like(x), torch.zeros_like(x), torch.zeros(len(x), device=x.device))
     for i, (t, _) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
         mode = den.mode(t)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
-        x = step(den, x, table[i], keys, mode, noisy, clip_x0)
+        state = step(den, state, table[i], keys, mode, noisy, clip_x0, threshold)
         if cuda_graphs:
             # Own the state: a graph output fed back as the next input can be overwritten by that very
             # replay (pytorch#170604, #184102). One copy of the batch per step, negligible next to the UNet.
-            x = x.clone()
+            state = tuple(v.clone() for v in state)
         if callback is not None:
             callback(i)
-    return x.clamp(-1, 1) if clip_x0 else x
+    x = state[0]
+    if stats is not None:
+        stats["thresholded_steps"] = state[3]
+    return x.clamp(-1, 1) if clip_x0 or threshold is not None else x

@@ -14,7 +14,8 @@ from typing import Literal
 from lightning_modules.diffusion import METHODS, GuidanceOptions, OptionError, SamplerOptions, make_rule
 
 DEFAULT_SCALES = {"cfg": [0.0, 1.0, 1.5, 2.0, 3.0, 5.0], "cg_cond": [0.0, 0.5, 1.0, 2.0, 4.0],
-                  "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0]}
+                  "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0],
+                  "apg": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "cfgpp": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]}
 EXTRACTORS = ("auto", "evaluator", "inception")
 PRECISIONS = ("auto", "32", "bf16")
 P = "sweep."  # how options are named in messages: the LightningCLI group and the YAML key
@@ -25,7 +26,7 @@ class SweepConfig:
     """A guidance sweep: methods × scales × seeds, each cell `num_samples` images on paired noise.
 
     Args:
-        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, none. Empty = no sweep.
+        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, apg, cfgpp, none. Empty = no sweep.
         scales: native scales per method, e.g. {"cfg": [0, 1, 2], "cg_cond": [0, 1]}; a method not named
             keeps its default grid. Keys must be listed in `methods`.
         seeds: sampling seeds; each is a full repeat of every cell (mean ± std over seeds).
@@ -98,6 +99,15 @@ class SweepConfig:
                                   "give finite numbers")
             if len(set(grid)) != len(grid):
                 raise OptionError(f"{P}scales.{method}", f"{grid} repeats a scale", "list each scale once")
+            rule = make_rule(method, self.guidance)
+            lo, hi = rule.scale_range
+            if not all(lo <= v <= hi for v in grid):
+                raise OptionError(f"{P}scales.{method}", f"{grid} leaves {method}'s scale range [{lo}, {hi}]",
+                                  f"give scales within [{lo}, {hi}]")
+            if rule.samplers is not None and self.sampling.sampler not in rule.samplers:
+                raise OptionError(f"{P}sampling.sampler", f"{method} is defined on {list(rule.samplers)} only, "
+                                  f"not on {self.sampling.sampler}", f"sweep {method} in a run with sampler "
+                                  f"{rule.samplers[0]}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed",
                               "give distinct seeds, e.g. [0, 1]")

@@ -151,7 +151,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     rows = []
     for j, scale in enumerate(job.scales):
         part = slice(j * n, (j + 1) * n)
-        nfe, passes = cell_cost(rule, scale, models.schedule.timesteps, config.sampling.steps)
+        nfe, passes = cell_cost(rule, scale, models.schedule, config.sampling.steps)
         rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
@@ -190,7 +190,7 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
         if store is not None:
             for row, grid in zip(result.rows, result.grids):
                 row["grid"] = store.grid_path(sig, row["method"], row["scale"], row["seed"])
-                store.append(row, png_bytes(grid, nrow=min(len(grid), 10)))
+                store.append(row, png_bytes(grid, nrow=models.num_classes))
                 if on_cell is not None:
                     on_cell(row, grid)
     bar.close()

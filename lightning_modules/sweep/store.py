@@ -59,12 +59,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def png_bytes(images: Tensor, nrow: int) -> bytes:
-    """A grid of images in [-1, 1] as PNG bytes."""
-    from torchvision.utils import save_image
+    """A cell's grid of images in [-1, 1] as PNG bytes: `nrow` images per row (pass the number of classes,
+    so columns are classes), upscaled without blur to >= 32 px, layout stored in the PNG (see grids.py)."""
+    from .grids import encode_grid
 
-    buffer = io.BytesIO()
-    save_image((images.float().cpu() + 1) / 2, buffer, format="png", nrow=nrow, padding=1)
-    return buffer.getvalue()
+    return encode_grid(images, columns=nrow)
 
 
 class SweepStore:

@@ -7,41 +7,53 @@ from collections import defaultdict
 
 
 def aggregate(rows: list[dict], metric: str) -> dict[str, list[tuple[float, float, float, float]]]:
-    """Per method: sorted (scale, gamma, mean, std over seeds) of `metric`."""
+    """Per method: sorted (scale, gamma, mean, std over seeds) of `metric`; std is NaN for one seed."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["scale"])].append(r)
     out: dict[str, list] = defaultdict(list)
     for (method, scale), cell in sorted(groups.items()):
-        values = [c[metric] for c in cell]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        mean, std = mean_std([c[metric] for c in cell])
         out[method].append((scale, cell[0]["gamma"], mean, std))
     return dict(out)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; the std is NaN for one value (no spread is known, not zero)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
+    return mean, std
+
+
+def best_index(values: list[float]) -> int:
+    """Index of the smallest value, NaNs last (a failed cell is never 'best')."""
+    return min(range(len(values)), key=lambda k: (math.isnan(values[k]), values[k]))
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """Best FID per method (mean over seeds), with the accuracy and cost at that scale."""
+    """Best FID per method (mean over seeds), with the accuracy and the cost of that cell (its own rows)."""
     fid = aggregate(rows, "fid")
     acc = aggregate(rows, "accuracy")
     out = []
     for method, points in fid.items():
-        i = min(range(len(points)), key=lambda k: points[k][2])
+        i = best_index([p[2] for p in points])
         scale, gamma, mean, std = points[i]
-        cell = next(r for r in rows if r["method"] == method and math.isclose(r["scale"], scale))
+        cell = [r for r in rows if r["method"] == method and math.isclose(r["scale"], scale)]
+        seconds, seconds_std = mean_std([r["seconds_per_sample"] for r in cell])
         out.append({"method": method, "best_scale": scale, "gamma": gamma, "fid": mean, "fid_std": std,
                     "accuracy": acc[method][i][2], "accuracy_std": acc[method][i][3],
-                    "nfe_per_sample": cell["nfe_per_sample"],
-                    "classifier_grads_per_sample": cell["classifier_grads_per_sample"],
-                    "seconds_per_sample": cell["seconds_per_sample"],
-                    "seeds": sum(1 for r in rows if r["method"] == method and math.isclose(r["scale"], scale))})
+                    "nfe_per_sample": cell[0]["nfe_per_sample"],
+                    "classifier_grads_per_sample": cell[0]["classifier_grads_per_sample"],
+                    "seconds_per_sample": seconds, "seconds_per_sample_std": seconds_std, "seeds": len(cell)})
     return out
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A plain fixed-width table for the terminal."""
     def fmt(v: object) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "—" if math.isnan(v) else f"{v:.4g}"  # NaN: not measured (e.g. the std of one seed)
+        return str(v)
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]

@@ -1,0 +1,192 @@
+"""The guidance methods, one small class each, on the hook of `guidance.py`.
+
+Linear rules (cfg, cg_cond, cg_uncond, cfg+cg, none) are points of one general form and only map their
+native scale to (s_cfg, s_cg). Rules that are not affine in the prediction state the space they act in:
+APG acts on x̂0 (so its result does not depend on whether the network predicts ε or v; the denoiser
+converts both to ε first). CFG++ changes what DDIM renoises with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .guidance import GuidanceRule, Guided, Predictions, StepMode, guidance_weight
+from .options import GuidanceOptions, OptionError
+from .schedule import NoiseSchedule, respaced_timesteps
+
+
+class LinearGuidance(GuidanceRule):
+    """Points of the general form ε̂ = ε_u + s_cfg·(ε_c − ε_u), score = s_cg·∇log p(y|x_t).
+
+    A subclass only maps its native scale to (s_cfg, s_cg) in `split`, written so it works on floats and on
+    per-sample tensors alike. The guidance weight w modulates only what lies beyond the base branch (the
+    conditional one, or the unconditional one where s_cfg = 0), so outside an interval a sample is plain
+    conditional (or plain unconditional) sampling.
+    """
+
+    def split(self, scale):  # float -> (float, float); Tensor -> (Tensor, Tensor)
+        raise NotImplementedError
+
+    def gamma(self, scale: float) -> float:
+        s_cfg, s_cg = self.split(scale)
+        return s_cfg + s_cg
+
+    def needs_gradient(self, scale: float) -> bool:
+        return self.split(scale)[1] != 0
+
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        pairs = [self.split(s) for s in scales]
+        effective = {(1.0 + (c - 1.0) * w) if c != 0 else 0.0 for c, _ in pairs}
+        branches = ("cond",) if effective == {1.0} else ("uncond",) if effective == {0.0} else ("cond", "uncond")
+        return StepMode(branches, w != 0.0 and any(g != 0 for _, g in pairs))
+
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        s_cfg, s_cg = self.split(scale)
+        score = None if p.grad is None else (s_cg * w).view(-1, 1, 1, 1) * p.grad
+        if p.uncond is None or p.cond is None:
+            return Guided(p.cond if p.uncond is None else p.uncond, score)
+        base = (s_cfg != 0).float()  # 1 = the conditional branch is the base, 0 = the unconditional one
+        s = (base + (s_cfg - base) * w).view(-1, 1, 1, 1)
+        guided = p.uncond + s * (p.cond - p.uncond)
+        if self.options.cfg_rescale > 0:
+            # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's.
+            dims = tuple(range(1, guided.ndim))
+            ratio = p.cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+            phi = self.options.cfg_rescale
+            guided = phi * guided * ratio + (1 - phi) * guided
+        return Guided(guided, score)
+
+
+def _like(scale, value: float):
+    return scale * 0 + value  # a constant shaped like `scale` (float or tensor)
+
+
+class NoGuidance(LinearGuidance):
+    """The plain conditional model (the scale is ignored)."""
+
+    name = "none"
+
+    def split(self, scale):
+        return _like(scale, 1.0), _like(scale, 0.0)
+
+
+class ClassifierFree(LinearGuidance):
+    """CFG (Ho & Salimans 2022): ε̂ = ε_u + s·(ε_c − ε_u); γ = s."""
+
+    name = "cfg"
+
+    def split(self, scale):
+        return scale, _like(scale, 0.0)
+
+
+class ClassifierOnConditional(LinearGuidance):
+    """CG on the conditional branch (Dhariwal & Nichol 2021): ε_c guided by s·∇log p(y|x_t); γ = 1 + s."""
+
+    name = "cg_cond"
+    uses_gradient = True
+
+    def split(self, scale):
+        return _like(scale, 1.0), scale
+
+
+class ClassifierOnUnconditional(LinearGuidance):
+    """CG on the null-label branch of the same network; γ = s."""
+
+    name = "cg_uncond"
+    uses_gradient = True
+
+    def split(self, scale):
+        return _like(scale, 0.0), scale
+
+
+class ClassifierFreePlusClassifier(LinearGuidance):
+    """CFG at the swept scale plus CG at the fixed `combo_cg_scale`; γ = s + combo."""
+
+    name = "cfg+cg"
+    uses_gradient = True
+
+    def split(self, scale):
+        return scale, _like(scale, self.options.combo_cg_scale)
+
+
+class AdaptiveProjected(GuidanceRule):
+    """APG (Sadat et al. 2024), in x̂0 space: Δ = D_c − D_u, momentum Δ ← Δ + β·Δ_prev, norm threshold
+    Δ ← Δ·min(1, r/‖Δ‖), split into Δ∥ (along D_c) and Δ⊥, then D = D_c + (w − 1)(Δ⊥ + η·Δ∥).
+    With η = 1, β = 0 and no threshold it is CFG at w; the paper's η = 0 drops the saturating parallel part.
+    γ = w (the CFG axis)."""
+
+    name = "apg"
+
+    def gamma(self, scale: float) -> float:
+        return scale
+
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        effective = {1.0 + (s - 1.0) * w for s in scales}
+        return StepMode(("cond",) if effective == {1.0} else ("cond", "uncond"), False)
+
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        if p.uncond is None:
+            return Guided(p.cond)
+        o = self.options
+        d_c, d_u = p.x0(p.cond), p.x0(p.uncond)
+        delta = d_c - d_u + o.apg_momentum * p.memory  # running average m_t = Δ_t + β·m_{t−1}
+        memory = delta
+        dims = tuple(range(1, delta.ndim))
+        if o.apg_threshold is not None:
+            norm = torch.linalg.vector_norm(delta, dim=dims, keepdim=True)
+            delta = delta * torch.clamp(o.apg_threshold / norm.clamp_min(1e-12), max=1.0)
+        unit = d_c / torch.linalg.vector_norm(d_c, dim=dims, keepdim=True).clamp_min(1e-12)
+        parallel = (delta * unit).sum(dim=dims, keepdim=True) * unit
+        guided = d_c + ((1 + (scale - 1) * w) - 1).view(-1, 1, 1, 1) * (delta - parallel + o.apg_eta * parallel)
+        return Guided(p.eps(guided), memory=memory)
+
+
+class ClassifierFreePlusPlus(GuidanceRule):
+    """CFG++ (Chung et al. 2024): x̂0 from ε_λ = ε_u + λ(ε_c − ε_u), λ ∈ [0, 1], and DDIM renoises with ε_u
+    instead of ε_λ. At λ = 1 it is DDIM on the conditional model; γ = λ (the combination's exponent; CFG++
+    guides more strongly than CFG at equal γ: compare at matched strength)."""
+
+    name = "cfgpp"
+    scale_range = (0.0, 1.0)
+    samplers = ("ddim",)
+
+    def gamma(self, scale: float) -> float:
+        return scale
+
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        effective = {1.0 + (s - 1.0) * w for s in scales}
+        return StepMode(("cond",) if effective == {1.0} else ("cond", "uncond"), False)
+
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        if p.uncond is None:
+            return Guided(p.cond)
+        lam = (1 + (scale - 1) * w).view(-1, 1, 1, 1)
+        return Guided(p.uncond + lam * (p.cond - p.uncond), eps_renoise=p.uncond)
+
+
+RULES: dict[str, type[GuidanceRule]] = {
+    r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
+                        ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus)}
+METHODS = tuple(RULES)
+
+
+def make_rule(method: str, options: GuidanceOptions | None = None) -> GuidanceRule:
+    """The rule object for a method name."""
+    if method not in RULES:
+        raise OptionError("methods", f"unknown guidance method {method!r}", f"choose from {list(METHODS)}")
+    return RULES[method](options)
+
+
+def cell_cost(rule: GuidanceRule, scale: float, schedule: NoiseSchedule, steps: int) -> tuple[float, float]:
+    """(network evaluations, classifier passes) per sample of one cell sampled on its own: a pure function
+    of the plan. (A batched pass may evaluate both CFG branches for s = 0 or 1 when its chunk also holds
+    other scales; the cost a cell is reported with is what it needs by itself.)"""
+    nfe = passes = 0
+    for t in respaced_timesteps(schedule.timesteps, steps):
+        mode = rule.mode([scale], guidance_weight(t, schedule, rule.options))
+        nfe += mode.network_evaluations
+        passes += int(mode.gradient)
+    return float(nfe), float(passes)

@@ -1,0 +1,196 @@
+"""Everything a sweep leaves for a reader: the figures and `report.md`, next to sweep.csv.
+
+    paths = write_outputs(rows, out_dir, protocol={"dataset": "digits", "image_size": 8}, class_names=names)
+
+`protocol` carries what the rows do not (all keys optional): dataset, dataset_id, image_size (also lets
+grids written by an older version be read), diffusion / classifier (checkpoint paths), guidance (the shared
+guidance options, a dict), precision. Pure torch/stdlib + matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .fronts import cost_figure, front_figures
+from .grids import progression_figures
+from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
+from .store import _atomic_write
+from .tables import mean_std, summary
+
+HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
+            "metrics_vs_gamma": "Metrics against γ", "front_fid_vs_accuracy": "FID–accuracy front",
+            "front_precision_vs_recall": "Precision–recall front"}
+CAPTIONS = {
+    "best_fid_vs_cost": "Each method's best FID (over its scales) against what a sample costs: network passes "
+                        "(diffusion-model evaluations + classifier forward/backward passes) and wall seconds.",
+    "metrics_vs_scale": "Every metric against each method's own guidance scale (one column per method; ★ = the "
+                        "method's best-FID scale).",
+    "metrics_vs_gamma": "The same metrics on the common axis γ (the exponent on p(y|x) a scale implies), with a zoom "
+                        "on the range where the methods compete.",
+    "front_fid_vs_accuracy": "Fidelity against class adherence: the best cells sit bottom right.",
+    "front_precision_vs_recall": "Precision (samples look real) against recall (coverage of the data): top right is "
+                                 "best; guidance usually trades recall for precision.",
+}
+METRIC_NOTES = [
+    ("FID", "Fréchet distance between Gaussian fits to the features of the samples and of the reference data "
+            "(lower is better). {fid_space} Small-sample FID is biased upwards: compare cells of one sweep (same "
+            "number of samples), and use 50k samples for final numbers."),
+    ("KID", "Kernel inception distance (polynomial-kernel MMD², subset average) in the same features (lower is "
+            "better). It is an unbiased estimate, so it **can be slightly negative** when the two distributions "
+            "are close: read a small negative value as zero."),
+    ("score", "exp(E_x KL(p(y|x) ‖ p(y))) on the extractor's logits: the Inception score when the extractor is "
+              "Inception, its analogue on the evaluator's classes otherwise (higher is better; at most the number "
+              "of classes)."),
+    ("precision / recall", "Share of samples inside the real data's k-NN manifold (k = 3) / share of real data "
+                           "inside the samples' manifold (higher is better)."),
+    ("accuracy", "Share of samples the extractor's classifier assigns to the class they were generated for "
+                 "(higher is better)."),
+    ("γ", "The exponent on p(y|x) a scale implies: CFG γ = s, CG on the conditional branch γ = 1 + s, CG on the "
+          "unconditional branch γ = s. γ = 1 is the plain conditional model."),
+    ("cost", "`nfe_per_sample` counts diffusion-network evaluations a cell needs by itself (a batched CFG "
+             "forward of 2B counts 2), `classifier_grads_per_sample` classifier forward+backward passes; wall "
+             "seconds are as recorded in the cell's rows."),
+    ("± std", "Standard deviation over sampling seeds; **—** means one seed, so no spread was measured."),
+]
+
+
+def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None = None,
+                  class_names: list[str] | None = None) -> list[Path]:
+    """Draw every figure and write report.md (atomically); returns the PNG paths (for W&B)."""
+    out_dir, protocol = Path(out_dir), dict(protocol or {})
+    if not rows:
+        return []
+    title = protocol_title(rows, protocol)
+    figures: list[Path] = []
+    drawers: list[Callable[[], list[Path]]] = [
+        lambda: [cost_figure(rows, out_dir, title)], lambda: [metrics_vs_scale(rows, out_dir, title)],
+        lambda: [metrics_vs_gamma(rows, out_dir, title)], lambda: front_figures(rows, out_dir, title),
+        lambda: progression_figures(rows, out_dir, class_names, title, protocol.get("image_size"))]
+    for draw in drawers:
+        try:  # a figure that cannot be drawn must not cost the report (the rows are safe in sweep.csv)
+            figures += draw()
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"{out_dir}: a sweep figure could not be drawn ({type(err).__name__}: {err})", stacklevel=2)
+    _atomic_write(out_dir / "report.md", render(rows, out_dir, protocol, class_names, figures).encode())
+    return figures
+
+
+def pm(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:.{digits}g} ± {std:.1g}" if math.isfinite(std) else f"{mean:.{digits}g} ± —"
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    rule = "|" + "|".join("---:" if i else ":---" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def cells(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["scale"]), []).append(r)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _stat(cell: list[dict], key: str, digits: int = 3) -> str:
+    return pm(*mean_std([r[key] for r in cell]), digits)
+
+
+def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[str] | None,
+           figures: list[Path]) -> str:
+    first, seeds = rows[0], sorted({r["seed"] for r in rows})
+    rel = {p.stem if p.parent == out_dir else f"grids/{p.stem}": p.relative_to(out_dir).as_posix() for p in figures}
+    dataset = protocol.get("dataset", "?")
+    out = [f"# Guidance sweep: {dataset}", "", f"_{protocol_title(rows, protocol)}_", "",
+           f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `sweep.csv` ({len(rows)} rows). "
+           "Methods: " + ", ".join(f"**{label_of(m)}** (`{m}`)" for m in dict.fromkeys(r["method"] for r in rows))
+           + ".", "", "## Best FID per method", ""]
+    body, best = [], summary(rows)
+    for b in best:
+        cell = next(c for c in cells(rows) if c[0]["method"] == b["method"] and math.isclose(c[0]["scale"],
+                                                                                              b["best_scale"]))
+        body.append([f"{label_of(b['method'])} (`{b['method']}`)", f"{b['best_scale']:g}", f"{b['gamma']:g}",
+                     pm(b["fid"], b["fid_std"]), pm(b["accuracy"], b["accuracy_std"]), _stat(cell, "precision"),
+                     _stat(cell, "recall"), f"{b['nfe_per_sample']:g} + {b['classifier_grads_per_sample']:g}",
+                     pm(b["seconds_per_sample"], b["seconds_per_sample_std"]), str(b["seeds"])])
+    out += markdown_table(["method", "scale s", "γ", "FID ↓", "accuracy ↑", "precision ↑", "recall ↑",
+                           "passes / sample (model + classifier)", "seconds / sample", "seeds"], body)
+    top = min(best, key=lambda b: (math.isnan(b["fid"]), b["fid"]))
+    out += ["", f"**At a glance**: the lowest FID is {label_of(top['method'])} at s = {top['best_scale']:g} "
+            f"(FID {pm(top['fid'], top['fid_std'])}, accuracy {pm(top['accuracy'], top['accuracy_std'])}) for "
+            f"{top['nfe_per_sample'] + top['classifier_grads_per_sample']:g} network passes per sample.", "",
+            "Mean ± std over seeds; — = one seed (no spread measured). FID is compared within this sweep only "
+            f"({first['num_samples']} samples per cell).", ""]
+    for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",
+                 "front_precision_vs_recall"):
+        if stem in rel:
+            out += [f"### {HEADINGS[stem]}", "", CAPTIONS[stem], "", f"![{stem}]({rel[stem]})", ""]
+    grids = [p for p in figures if p.parent != out_dir]
+    if grids:
+        out += ["## Samples", "", "One figure per method and seed: rows are guidance scales, columns are classes "
+                "(the first sample of each class in the cell), the same noise in every row. Each cell's full grid "
+                "is in `grids/` (columns = classes).", ""]
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [p for p in grids if p.stem.rsplit("_seed", 1)[0] == method]
+            if mine:
+                others = ", ".join(f"[{p.stem}]({rel['grids/' + p.stem]})" for p in mine[1:])
+                out += [f"**{label_of(method)}**" + (f" (other seeds: {others})" if others else ""), "",
+                        f"![{mine[0].stem}]({rel['grids/' + mine[0].stem]})", ""]
+    out += ["## All cells", ""]
+    body = [[f"`{c[0]['method']}`", f"{c[0]['scale']:g}", f"{c[0]['gamma']:g}", _stat(c, "fid"), _stat(c, "kid", 2),
+             _stat(c, "score"), _stat(c, "precision"), _stat(c, "recall"), _stat(c, "accuracy"),
+             f"{c[0]['nfe_per_sample']:g} + {c[0]['classifier_grads_per_sample']:g}",
+             _stat(c, "seconds_per_sample", 2), str(len(c))] for c in cells(rows)]
+    out += markdown_table(["method", "s", "γ", "FID ↓", "KID ↓", "score ↑", "precision ↑", "recall ↑", "accuracy ↑",
+                           "passes (model + clf)", "s / sample", "seeds"], body)
+    out += ["", "## Protocol", ""] + protocol_lines(rows, protocol, class_names)
+    total_seconds = sum(r["seconds"] for r in rows)
+    samples = sum(r["num_samples"] for r in rows)
+    passes = sum(r["num_samples"] * (r["nfe_per_sample"] + r["classifier_grads_per_sample"]) for r in rows)
+    plural = "s" if len(seeds) != 1 else ""
+    out += ["", "## Cost", "", f"- {len(rows)} cells ({len(cells(rows))} method × scale, {len(seeds)} seed{plural}), "
+            f"{samples:,} samples, {passes:,.0f} network passes in all.",
+            f"- {total_seconds:,.0f} s of sampling and scoring recorded ({total_seconds / 60:.1f} min).", ""]
+    space = ("Features are Inception-v3's pool features (the usual FID scale)." if "inception" in
+             str(first["extractor"]).lower() else "Features are the framework's evaluator's 128-d embedding "
+             f"(`{first['extractor']}`), so values are **not on Inception's scale** and not comparable with "
+             "published FIDs.")
+    out += ["## What the numbers mean", ""] + [f"- **{name}**: {text.replace('{fid_space}', space)}"
+                                               for name, text in METRIC_NOTES]
+    out += ["", "Details: `docs/conventions.md` in the guidelab repository.", ""]
+    return "\n".join(out)
+
+
+def protocol_lines(rows: list[dict], protocol: dict, class_names: list[str] | None) -> list[str]:
+    r = rows[0]
+    seeds = sorted({x["seed"] for x in rows})
+    names = ", ".join(class_names) if class_names and len(class_names) <= 20 else None
+    lines = [f"- **dataset**: {protocol.get('dataset', '?')}"
+             + (f" (`{protocol['dataset_id']}`)" if protocol.get("dataset_id") else "")
+             + (f", {protocol['image_size']} px" if protocol.get("image_size") else "")
+             + (f", {len(class_names)} classes ({names})" if class_names and names else
+                f", {len(class_names)} classes" if class_names else ""),
+             f"- **diffusion model**: step {r['diffusion_step']}, weights sha `{r['diffusion_sha']}`"
+             + (f" (`{protocol['diffusion']}`)" if protocol.get("diffusion") else "")]
+    if r.get("classifier_sha"):
+        lines.append(f"- **noisy classifier**: step {r['classifier_step']}, weights sha `{r['classifier_sha']}`"
+                     + (f" (`{protocol['classifier']}`)" if protocol.get("classifier") else ""))
+    else:
+        lines.append("- **noisy classifier**: none")
+    lines += [f"- **sampler**: {r['sampler']}, {r['steps']} steps, η = {r['eta']:g}"
+              + (f", precision {protocol['precision']}" if protocol.get("precision") else "")]
+    guidance = protocol.get("guidance")
+    if guidance:
+        text = ", ".join(f"{k} = {v}" for k, v in guidance.items()) if isinstance(guidance, dict) else str(guidance)
+        lines.append(f"- **guidance options**: {text}")
+    lines += [f"- **samples per cell**: {r['num_samples']} (labels cycle through the classes; paired noise across "
+              "cells)", f"- **seeds**: {', '.join(map(str, seeds))}", f"- **feature extractor**: `{r['extractor']}`",
+              f"- **signature**: `{r['signature']}`", "- **files**: [`sweep.csv`](sweep.csv), "
+              "[`sweep.json`](sweep.json), per-cell grids in `grids/`"]
+    return lines
