@@ -99,3 +99,32 @@ class ExactResume(Callback):
         epoch_loop = trainer.fit_loop.epoch_loop
         if epoch_loop.restarted_on_train_batch_end:
             pl_module.on_train_batch_end(None, None, epoch_loop.batch_progress.current.ready - 1)
+
+
+class GuideSnapshots(Callback):
+    """Keeps guide snapshots for autoguidance (Karras et al. 2024): at the given fractions of `max_steps` the
+    whole module (network and its EMA) is saved as `guide-1of16.ckpt` etc. beside the fit's checkpoints, so a
+    sweep can name `--sweep.guide_ckpt snapshot:1/16`. (EDM2's guides are the XS model at 1/16 of training, or
+    M at 1/8 for XXL.) Saved in `on_train_batch_end`, i.e. before that step's EMA update."""
+
+    def __init__(self, fractions: list[str] = ("1/16", "1/8", "1/4")) -> None:
+        self.fractions = list(fractions)
+        for f in self.fractions:
+            num, _, den = f.partition("/")
+            if not (num.isdigit() and den.isdigit() and 0 < int(num) < int(den)):
+                raise ValueError(f"guide snapshot fraction {f!r} is not a fraction like 1/16 strictly between 0 and 1")
+
+    def _targets(self, trainer: pl.Trainer) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for f in self.fractions if trainer.max_steps > 0 else ():
+            num, den = (int(v) for v in f.split("/"))
+            out.setdefault(max(1, round(trainer.max_steps * num / den)), []).append(f.replace("/", "of"))
+        return out
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        names = self._targets(trainer).get(trainer.global_step, [])
+        if not names or trainer.checkpoint_callback is None or trainer.checkpoint_callback.dirpath is None:
+            return
+        for name in names:  # every rank calls save_checkpoint (it holds a barrier); rank 0 writes
+            path = Path(trainer.checkpoint_callback.dirpath) / f"guide-{name}.ckpt"
+            trainer.save_checkpoint(path, weights_only=True)

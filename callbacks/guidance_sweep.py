@@ -8,6 +8,7 @@ directory) is checked in `setup`, before any training or sampling.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -30,13 +31,15 @@ from lightning_modules.sweep import (
     check_writable,
     format_table,
     load_classifier,
+    load_diffusion,
     resolve_extractor,
     run_sweep,
 )
-from lightning_modules.sweep.plots import save_plots
+from lightning_modules.sweep.models import resolve_guide
+from lightning_modules.sweep.report import write_outputs
 
 from .run_dir import run_dir
-from .sweep_wandb import log_cell, log_sweep
+from .sweep_wandb import add_tags, log_cell, log_sweep, sweep_tags
 
 PRINT_COLUMNS = ["method", "scale", "gamma", "seed", "fid", "kid", "score", "precision", "recall", "accuracy",
                  "nfe_per_sample", "classifier_grads_per_sample", "seconds"]
@@ -62,6 +65,7 @@ class GuidanceSweep(Callback):
     def __init__(self, config: SweepConfig | None = None) -> None:
         self.config = config or SweepConfig()
         self.classifier: Network | None = None
+        self.guide: Network | None = None
         self.evaluation: Evaluation | None = None
         self.last_rows: list[dict] = []
         self.last_output_dir: Path | None = None
@@ -79,6 +83,11 @@ class GuidanceSweep(Callback):
         if config.classifier_ckpt and self.classifier is None:
             self.classifier = load_classifier(config.classifier_ckpt)
             check_compatible(dict(pl_module.hparams), self.classifier.hparams, config.classifier_ckpt)
+        if config.guide_ckpt and self.guide is None:
+            path = self._guide_path(trainer)
+            if path.exists() or not config.guide_ckpt.startswith("snapshot:"):  # fit-time snapshots come later
+                self.guide = load_diffusion(path, option="sweep.guide_ckpt")
+                check_compatible(dict(pl_module.hparams), self.guide.hparams, str(path), "guide", "sweep.guide_ckpt")
         if trainer.is_global_zero:
             check_writable(self._output_dir(trainer))
 
@@ -99,6 +108,11 @@ class GuidanceSweep(Callback):
         self.run(trainer, pl_module)
 
     # ------------------------------------------------------------------ the sweep
+    def _guide_path(self, trainer: L.Trainer) -> Path:
+        # snapshot:1/16 lives next to the checkpoint being evaluated (validate) or the fit's own checkpoints.
+        base = trainer.ckpt_path or str(Path(trainer.checkpoint_callback.dirpath or run_dir(trainer)) / "last.ckpt")
+        return resolve_guide(self.config.guide_ckpt, base)
+
     def _output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.config.output_dir) if self.config.output_dir else run_dir(trainer) / "sweep"
 
@@ -118,6 +132,14 @@ class GuidanceSweep(Callback):
         bf16 = str(trainer.precision).startswith("bf16") if precision == "auto" else precision == "bf16"
         return torch.bfloat16 if bf16 else None
 
+    def _protocol(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
+        """What report.md and the figures' titles need that the rows do not carry."""
+        data = trainer.datamodule
+        return {"dataset": getattr(data, "name", None), "dataset_id": getattr(data, "dataset_id", None),
+                "image_size": module.hparams.get("image_size"), "diffusion": trainer.ckpt_path,
+                "classifier": self.config.classifier_ckpt, "guidance": asdict(self.config.guidance),
+                "precision": "bf16" if self._autocast(trainer) is not None else "32"}
+
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> list[dict]:
         """Run every cell not yet in sweep.csv; returns all rows of this signature (rank 0; [] elsewhere)."""
         if not self.config.methods:
@@ -127,20 +149,37 @@ class GuidanceSweep(Callback):
             evaluation = self._prepare_evaluation(trainer, device)
             if self.classifier is not None:
                 self.classifier.net.to(device)
-            models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier)
+            if self.config.guide_ckpt and self.guide is None:  # a snapshot the fit made after setup
+                self.guide = load_diffusion(self._guide_path(trainer), option="sweep.guide_ckpt")
+            if self.guide is not None:
+                self.guide.net.to(device)
+            models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier,
+                                 self.guide)
             out_dir = Path(trainer.strategy.broadcast(str(self._output_dir(trainer))))  # rank 0's run dir
             store = SweepStore(out_dir) if trainer.is_global_zero else None
             wandb_run = _wandb_run(trainer)
+            if wandb_run is not None:
+                add_tags(wandb_run, sweep_tags(self.config, getattr(trainer.datamodule, "name", None)))
             on_cell = (lambda row, grid: log_cell(wandb_run, row, grid)) if wandb_run is not None else None
             rows = run_sweep(self.config, models, evaluation, store, dist=TrainerDistributed(trainer),
                              autocast_dtype=self._autocast(trainer), on_cell=on_cell)
             if trainer.is_global_zero and rows:
-                plots = save_plots(rows, out_dir)
+                plots = write_outputs(rows, out_dir, self._protocol(trainer, module), _class_names(trainer))
                 if wandb_run is not None:
-                    log_sweep(wandb_run, rows, plots)
-                print(f"\nGuidance sweep ({out_dir / 'sweep.csv'}):\n{format_table(rows, PRINT_COLUMNS)}")
+                    log_sweep(wandb_run, rows, plots, grid_dir=out_dir)
+                print(f"\nGuidance sweep ({out_dir / 'sweep.csv'}):\n{format_table(rows, PRINT_COLUMNS)}\n"
+                      f"report: {out_dir / 'report.md'}")
             self.last_rows, self.last_output_dir = rows, out_dir
             return rows
+
+
+def _class_names(trainer: L.Trainer) -> list[str] | None:
+    """The datamodule's class names (the grids' column labels), or None: indices are shown instead."""
+    try:
+        names = getattr(trainer.datamodule, "class_names", None)
+    except (OSError, ValueError, KeyError):  # e.g. a CIFAR meta file that cannot be read
+        return None
+    return [str(n) for n in names] if names else None
 
 
 def _wandb_run(trainer: L.Trainer):

@@ -6,6 +6,8 @@
 Stages: noisy classifier → CFG diffusion model → guidance sweep (evaluator trained/cached on the
 way). Each stage lives in a directory keyed by a hash of its settings: a finished stage is
 reused, an interrupted fit resumes from its last.ckpt, a half-written sweep skips finished cells.
+On W&B the stages' runs are named after their directories (`classifier-<hash>`, ...), have the job
+types classifier / diffusion / sweep and share one group per study (`--out`): `<out name>-<hash of its path>`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from experiments.train import main as cli
@@ -33,7 +36,19 @@ def stage_dir(root: Path, name: str, args: list[str]) -> Path:
     return root / f"{name}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
-def fit_stage(root: Path, name: str, args: list[str]) -> Path:
+def study_group(root: Path) -> str:
+    """The W&B group of every run of one study: the `--out` directory's name and a hash of its full path."""
+    path = str(root.resolve())
+    return f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def wandb_args(directory: Path, job_type: str, group: str) -> list[str]:
+    """LightningCLI overrides for a stage's W&B run: named after its directory, the study's group, a job type, tags."""
+    return [f"--trainer.logger.init_args.name={directory.name}", f"--trainer.logger.init_args.group={group}",
+            f"--trainer.logger.init_args.job_type={job_type}", "--trainer.logger.init_args.tags=[digits, compare]"]
+
+
+def fit_stage(root: Path, name: str, args: list[str], group: str | None = None) -> Path:
     """Train (or reuse, or resume) one model; returns its last checkpoint, verified to hold the stage's final step.
 
     done.json records the step the fit ended at; a stage is reused only while last.ckpt still holds that step
@@ -54,14 +69,15 @@ def fit_stage(root: Path, name: str, args: list[str]) -> Path:
         print(f"[{name}] done.json says step {recorded} but {last} holds step {saved}: resuming", flush=True)
         done.unlink()
     print(f"[{name}] training -> {directory}", flush=True)
-    run = cli([*args, "--trainer.logger.init_args.save_dir", str(directory)], run=False)
+    run = cli([*args, *wandb_args(directory, name, group or study_group(root)),
+               "--trainer.logger.init_args.save_dir", str(directory)], run=False)
     for callback in run.trainer.callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(directory / "checkpoints")
     start = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule, ckpt_path=str(last) if last.exists() else None)
     metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items()}
-    finish_wandb()
+    finish_wandb(run.trainer)
     step = run.trainer.global_step
     saved = saved_step(last) if last.exists() else None
     if saved != step:
@@ -72,10 +88,14 @@ def fit_stage(root: Path, name: str, args: list[str]) -> Path:
     return last
 
 
-def finish_wandb() -> None:
-    """Close this stage's W&B run: WandbLogger would otherwise log the next stage into it."""
+def finish_wandb(trainer: Trainer | None = None) -> None:
+    """Close this stage's W&B run: WandbLogger would otherwise log the next stage into it (it reuses `wandb.run`)."""
     import wandb
+    from lightning.pytorch.loggers import WandbLogger
 
+    for logger in trainer.loggers if trainer is not None else []:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
     if wandb.run is not None:
         wandb.finish()
 
@@ -103,20 +123,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diff_args = ["--config", str(CONFIGS / "digits_diffusion.yaml")]
     if args.diffusion_steps:
         diff_args += ["--trainer.max_steps", str(args.diffusion_steps)]
-    classifier = fit_stage(root, "classifier", cls_args)
-    diffusion = fit_stage(root, "diffusion", diff_args)
+    group = study_group(root)
+    classifier = fit_stage(root, "classifier", cls_args, group)
+    diffusion = fit_stage(root, "diffusion", diff_args, group)
 
-    sweep_args = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
-                  str(classifier), "--sweep.num_samples", str(args.num_samples),
-                  "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds), *args.extra]
+    base = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
+            str(classifier), "--sweep.num_samples", str(args.num_samples),
+            "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds)]
+    sweep_args = [*base, *args.extra]
     sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
-    run = cli([*sweep_args, "--sweep.output_dir", str(sweep_dir), "--trainer.logger.init_args.save_dir",
-               str(sweep_dir)], run=False)
+    # W&B names before --extra, so an --extra logger swap (e.g. configs/logger/csv.yaml) drops them.
+    run = cli([*base, *wandb_args(sweep_dir, "sweep", group), *args.extra, "--sweep.output_dir", str(sweep_dir),
+               "--trainer.logger.init_args.save_dir", str(sweep_dir)], run=False)
     run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
     sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
     rows = sweep.last_rows
-    finish_wandb()
+    finish_wandb(run.trainer)
 
     best = summary(rows)
     print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
@@ -127,12 +150,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(line)
     wandb_dir = next(iter(sorted(sweep_dir.glob("wandb/offline-run-*"))), sweep_dir / "wandb")
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
-    print(f"evaluator held-out accuracy: {sweep.extractor.heldout_accuracy:.3f}"
-          if hasattr(sweep.extractor, "heldout_accuracy") else "")
+    extractor = sweep.evaluation.extractor if sweep.evaluation is not None else None
+    if hasattr(extractor, "heldout_accuracy"):
+        print(f"evaluator held-out accuracy: {extractor.heldout_accuracy:.3f}")
     print(f"classifier checkpoint: {classifier}")
     print(f"diffusion checkpoint:  {diffusion}")
     print(f"plots:                 {sweep_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, front_*.png)")
-    print(f"W&B run (offline):     {wandb_dir}  (upload: wandb sync {wandb_dir})")
+    print(f"W&B run (offline):     {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")
     print(f"sweep table:           {sweep_dir / 'sweep.csv'}")
     return rows
 

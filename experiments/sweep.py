@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,11 +33,12 @@ from lightning_modules.sweep import (
     load_classifier,
     load_diffusion,
     resolve_extractor,
+    resolve_guide,
     run_sweep,
     summary,
 )
 from lightning_modules.sweep.models import read_checkpoint
-from lightning_modules.sweep.plots import save_plots
+from lightning_modules.sweep.report import write_outputs
 
 SUMMARY_COLUMNS = ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std", "nfe_per_sample",
                    "classifier_grads_per_sample", "seconds_per_sample", "seeds"]
@@ -80,11 +82,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
     out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
     classifier = load_classifier(config.classifier_ckpt, device) if config.classifier_ckpt else None
-    models = SweepModels(diffusion, classifier)
+    guide = (load_diffusion(resolve_guide(config.guide_ckpt, args.diffusion), device, option="sweep.guide_ckpt")
+             if config.guide_ckpt else None)
+    models = SweepModels(diffusion, classifier, guide)
     store = SweepStore(out_dir)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
                                   config.reference_split, device)
-    run = _wandb_run(config, args) if args.wandb else None
+    run = _wandb_run(config, args, out_dir, data.name) if args.wandb else None
     on_cell = None
     if run is not None:
         from callbacks.sweep_wandb import log_cell
@@ -93,29 +97,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log_cell(run, row, grid)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
     rows = run_sweep(config, models, evaluation, store, autocast_dtype=autocast, on_cell=on_cell)
-    plots = save_plots(rows, out_dir)
+    protocol = {"dataset": data.name, "dataset_id": data.dataset_id, "image_size": diffusion.hparams["image_size"],
+                "diffusion": args.diffusion, "classifier": config.classifier_ckpt,
+                "guidance": asdict(config.guidance), "precision": config.precision}
+    plots = write_outputs(rows, out_dir, protocol, data.class_names)
     if run is not None:
         from callbacks.sweep_wandb import log_sweep
 
-        log_sweep(run, rows, plots)
+        log_sweep(run, rows, plots, grid_dir=out_dir)
         run.finish()
     print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
     print(format_table(summary(rows), SUMMARY_COLUMNS))
     print(f"\ndiffusion:   {args.diffusion} (step {diffusion.step}, sha {diffusion.sha})")
     if classifier is not None:
         print(f"classifier:  {config.classifier_ckpt} (step {classifier.step}, sha {classifier.sha})")
-    print(f"sweep table: {store.csv_path}\nplots:       {out_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, "
-          f"front_*.png)\ngrids:       {out_dir}/grids/")
+    print(f"report:      {out_dir / 'report.md'} (tables, figures, protocol)")
+    print(f"sweep table: {store.csv_path}\nplots:       {out_dir}/best_fid_vs_cost.png (and metrics_vs_scale.png, "
+          f"metrics_vs_gamma.png, front_*.png)\ngrids:       {out_dir}/grids/ (<method>_seed<k>.png: scale × class)")
     return rows
 
 
-def _wandb_run(config: SweepConfig, args):
+def _wandb_run(config: SweepConfig, args, out_dir: Path, dataset: str):
+    """A W&B run (mode from WANDB_MODE) named after the output directory, job type 'sweep', tagged with the
+    dataset, methods and sampler; the config has one key per option (`sweep.sampling.steps`, ...), as in the
+    Lightning runs. Group, entity and notes come from W&B's own variables (WANDB_RUN_GROUP, ...)."""
     import dataclasses
+    import json
 
     import wandb
 
-    return wandb.init(project="guidelab", job_type="sweep", dir=str(config.output_dir or "."),
-                      config={"sweep": dataclasses.asdict(config), "diffusion": args.diffusion})
+    from callbacks.config_saver import flatten
+    from callbacks.sweep_wandb import sweep_tags
+
+    options = json.loads(json.dumps({"sweep": dataclasses.asdict(config)}, default=str))
+    out = out_dir.resolve()
+    name = f"sweep-{out.parent.name}" if out.name == "sweep" else out.name  # default <run>/sweep: sweep-<run>
+    return wandb.init(project="guidelab", job_type="sweep", name=name, dir=str(out_dir),
+                      tags=sweep_tags(config, dataset), config={**flatten(options), "diffusion": args.diffusion,
+                                                                "data_dir": args.data_dir, "device": args.device})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 import pytest
 
-from callbacks import GuidanceSweep
 from experiments import compare
+from lightning_modules.sweep import engine
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,14 @@ def test_compare_runs_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch, 
     (sweep_dir,) = (tmp_path / "out").glob("sweep-*")
     assert (sweep_dir / "metrics_vs_scale.png").exists() and (sweep_dir / "sweep.json").exists()
 
+    # The checkpoints handed on are exactly the ones the stages trained (their final steps), and the sweep's
+    # rows say so, with the networks' weight hashes.
+    assert {r["diffusion_step"] for r in rows} == {5} and {r["classifier_step"] for r in rows} == {5}
+    assert len({r["diffusion_sha"] for r in rows}) == 1 and len({r["classifier_sha"] for r in rows}) == 1
+
     # Second run: both fits and every sweep cell are reused; no sampling pass runs.
     calls = []
-    monkeypatch.setattr(GuidanceSweep, "_run_method", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(engine, "generate_images", lambda *a, **k: calls.append(a) or iter(()))
     again_rows = compare.main(["--out", str(tmp_path / "out"), *TINY])
     again = capsys.readouterr().out
     assert "[classifier] reusing" in again and "[diffusion] reusing" in again

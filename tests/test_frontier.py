@@ -88,7 +88,7 @@ def test_sigma_interval_guides_only_inside_the_noise_band():
         assert (den.weight(t) == 1.0) == (0.34 < sigma <= 1.02)
         inside.append(den.weight(t) == 1.0)
     assert 0 < sum(inside) < 20
-    assert cell_cost(rule, 3.0, schedule, 20) == (20 + sum(inside), 0)
+    assert cell_cost(rule, 3.0, schedule, 20) == (20 + sum(inside), 0, 0)
 
 
 def test_dpmpp_first_order_step_is_ddim():
@@ -168,3 +168,29 @@ def test_every_method_runs_on_every_sampler_it_is_defined_on(method, sampler):
                          grad_fn=partial(classifier_grad, TinyClassifier()))
     out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), 6, sampler)
     assert out.shape == (4, *SHAPE) and torch.isfinite(out).all()
+
+
+def test_autoguidance_with_the_main_model_as_its_own_guide_is_the_conditional_model():
+    net = TinyNet()
+    schedule = NoiseSchedule("cosine", 1000)
+    labels, keys = torch.arange(6) % NUM_CLASSES, sample_keys(3, torch.arange(6))
+    own = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "autoguidance", [1.0, 2.0, 3.0] * 2, guide=net)
+    plain = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 1.0)
+    torch.testing.assert_close(sample(own, SHAPE, keys, 8), sample(plain, SHAPE, keys, 8), atol=1e-6, rtol=1e-6)
+    weaker = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "autoguidance", 2.0, guide=_perturbed(TinyNet()))
+    x = torch.randn(6, *SHAPE)
+    out = weaker.at(x, 500).eps
+    t = torch.full((6,), 500)
+    eps_c, eps_g = net(x, t, labels), weaker.guide(x, t, labels)
+    torch.testing.assert_close(out, eps_g + 2.0 * (eps_c - eps_g))  # ε_g + w·(ε_c − ε_g)
+    assert cell_cost(make_rule("autoguidance"), 2.0, schedule, 10) == (10, 0, 10)
+    assert cell_cost(make_rule("autoguidance"), 1.0, schedule, 10) == (10, 0, 0)  # w = 1 skips the guide
+    with pytest.raises(ValueError, match="guide"):
+        GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "autoguidance", 2.0)
+
+
+def _perturbed(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1)
+    return net

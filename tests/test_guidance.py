@@ -221,10 +221,10 @@ def test_cell_cost_counts_what_a_cell_needs_by_itself():
     def cost(method, scale, **options):
         return cell_cost(make_rule(method, GuidanceOptions(**options)), scale, NoiseSchedule(), 10)
 
-    assert cost("cfg", 0.0) == (10, 0)  # unconditional: one branch
-    assert cost("cfg", 1.0) == (10, 0)  # conditional: one branch
-    assert cost("cfg", 2.0) == (20, 0)
-    assert cost("cg_cond", 0.0) == (10, 0)
-    assert cost("cg_uncond", 3.0) == (10, 10)
+    assert cost("cfg", 0.0) == (10, 0, 0)  # unconditional: one branch
+    assert cost("cfg", 1.0) == (10, 0, 0)  # conditional: one branch
+    assert cost("cfg", 2.0) == (20, 0, 0)
+    assert cost("cg_cond", 0.0) == (10, 0, 0)
+    assert cost("cg_uncond", 3.0) == (10, 10, 0)
     # Respaced steps 999, 888, ..., 0: four of them (333, 222, 111, 0) fall inside a [0, 400] interval.
-    assert cost("cfg+cg", 2.0, combo_cg_scale=1.0, interval=(0, 400)) == (14, 4)
+    assert cost("cfg+cg", 2.0, combo_cg_scale=1.0, interval=(0, 400)) == (14, 4, 0)

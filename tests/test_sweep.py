@@ -212,3 +212,18 @@ def test_trainer_free_sweep_command_ends_with_the_summary_and_paths(trained, tmp
                     tmp_path / "logs", {"cfg": [0.0, 2.0], "cg_cond": [1.0], "cg_uncond": [2.0]},
                     ["--sweep.num_samples=12", "--sweep.sampling.steps=2"]))
     assert len(read_rows(tmp_path / "out" / "sweep.csv")) == 4  # nothing recomputed
+
+
+def test_fit_keeps_guide_snapshots_and_the_sweep_names_them(trained, tmp_path):
+    from experiments.sweep import main as sweep_main
+
+    checkpoints = trained["diffusion"].parent
+    steps = {f: torch.load(checkpoints / f"guide-{f}.ckpt", weights_only=True)["global_step"]
+             for f in ("1of16", "1of8", "1of4")}
+    assert steps == {"1of16": 1, "1of8": 1, "1of4": 2}  # round(6/16), round(6/8), round(6/4), at least 1
+    rows = sweep_main(["--diffusion", str(trained["diffusion"]), "--sweep.methods", "[autoguidance]",
+                       "--sweep.scales", '{"autoguidance": [1.0, 2.0]}', "--sweep.guide_ckpt", "snapshot:1/4",
+                       "--sweep.num_samples", "8", "--sweep.sampling.steps", "2", "--sweep.output_dir",
+                       str(tmp_path / "ag"), "--sweep.cache_dir", str(trained["cache"]), "--sweep.progress", "false"])
+    assert {r["guide_step"] for r in rows} == {2} and len({r["guide_sha"] for r in rows}) == 1
+    assert {r["scale"]: r["guide_evals_per_sample"] for r in rows} == {1.0: 0.0, 2.0: 2.0}

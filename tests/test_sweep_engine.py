@@ -96,7 +96,7 @@ def test_rows_record_network_identity_and_pure_cost(tmp_path, evaluation):
         assert (r["diffusion_step"], r["classifier_step"]) == (10, 5)
         assert (r["diffusion_sha"], r["classifier_sha"]) == (models.diffusion.sha, models.classifier.sha)
         rule = make_rule(r["method"])
-        cost = cell_cost(rule, r["scale"], NoiseSchedule(), 3)
+        cost = cell_cost(rule, r["scale"], NoiseSchedule(), 3)[:2]
         assert (r["nfe_per_sample"], r["classifier_grads_per_sample"]) == cost
         assert r["gamma"] == rule.gamma(r["scale"])
         assert (tmp_path / r["grid"]).stat().st_size > 0
@@ -271,3 +271,24 @@ def test_scales_run_as_one_batch_equal_each_cell_alone(tmp_path, evaluation):
                     sorted(alone, key=lambda r: (r["method"], r["scale"]))):
         assert math.isclose(a["fid"], b["fid"], rel_tol=1e-4, abs_tol=1e-6)
         assert a["accuracy"] == b["accuracy"]
+
+
+def test_autoguidance_cells_record_the_guide_and_count_its_cost(tmp_path, evaluation):
+    models = make_models()
+    torch.manual_seed(7)
+    guide = UNet.from_hparams(HP)
+    models = SweepModels(models.diffusion, models.classifier, Network(guide, dict(HP), 2))
+    cfg = config(tmp_path, methods=["autoguidance", "cg_cond"], scales={"autoguidance": [1.0, 2.0], "cg_cond": [1.0]},
+                 guide_ckpt="given")
+    rows = {(r["method"], r["scale"]): r for r in run_sweep(cfg, models, evaluation, SweepStore(tmp_path))}
+    ag = rows[("autoguidance", 2.0)]
+    assert (ag["guide_step"], ag["guide_sha"]) == (2, models.guide.sha)
+    assert (ag["nfe_per_sample"], ag["guide_evals_per_sample"]) == (3, 3)
+    assert ag["unet_equivalents_per_sample"] == pytest.approx(6.0)  # the guide has the main network's size
+    assert rows[("autoguidance", 1.0)]["unet_equivalents_per_sample"] == pytest.approx(3.0)
+    flops = models.flops()
+    cg = rows[("cg_cond", 1.0)]
+    assert cg["unet_equivalents_per_sample"] == pytest.approx(3 + 3 * flops["classifier"] / flops["diffusion"])
+    assert 0 < flops["classifier"] < flops["diffusion"]
+    with pytest.raises(OptionError, match="guide_ckpt"):
+        config(tmp_path, methods=["autoguidance"], scales=None)

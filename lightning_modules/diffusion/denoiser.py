@@ -31,7 +31,8 @@ class GuidedDenoiser:
     def __init__(self, net: Network, schedule: NoiseSchedule, labels: Tensor, null_label: int,
                  rule: GuidanceRule | str = "none", scales: float | Sequence[float] | Tensor = 1.0, *,
                  grad_fn: GradFn | None = None, prediction: str = "eps",
-                 options: GuidanceOptions | None = None) -> None:
+                 options: GuidanceOptions | None = None, guide: Network | None = None,
+                 guide_prediction: str = "eps") -> None:
         self.rule = make_rule(rule, options) if isinstance(rule, str) else rule
         self.rule.options.check(schedule.timesteps)
         self.scales_host = _per_sample(scales, len(labels))
@@ -39,7 +40,10 @@ class GuidedDenoiser:
         if grad_fn is None and any(self.rule.needs_gradient(s) for s in self._distinct):
             raise ValueError(f"method {self.rule.name!r} at scales {self._distinct} takes classifier gradients: "
                              "give a gradient function (a noisy classifier checkpoint, classifier_ckpt)")
+        if guide is None and self.rule.uses_guide:
+            raise ValueError(f"method {self.rule.name!r} needs a guide network (a weaker diffusion model: guide_ckpt)")
         self.net, self.schedule, self.prediction, self.grad_fn = net, schedule, prediction, grad_fn
+        self.guide, self.guide_prediction = guide, guide_prediction
         self.labels = labels
         self.null = torch.full_like(labels, null_label)
         self.scale = torch.tensor(self.scales_host, device=labels.device)
@@ -52,9 +56,9 @@ class GuidedDenoiser:
         """Which evaluations step t needs (host side: no device sync)."""
         return self.rule.mode(self._distinct, self.weight(t))
 
-    def _eps(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        out = self.net(x, t, y).float()
-        return self.schedule.eps_from_output(self.prediction, out, x, t)
+    def _eps(self, x: Tensor, t: Tensor, y: Tensor, guide: bool = False) -> Tensor:
+        net, prediction = (self.guide, self.guide_prediction) if guide else (self.net, self.prediction)
+        return self.schedule.eps_from_output(prediction, net(x, t, y).float(), x, t)
 
     def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode, memory: Tensor | None = None) -> Guided:
         """The guided prediction at training indices t (B,) with guidance weight w (0-d tensor); `memory` is
@@ -72,6 +76,9 @@ class GuidedDenoiser:
             p.cond = self._eps(x, t, self.labels)
         elif mode.branches == ("uncond",):
             p.uncond = self._eps(x, t, self.null)
+        elif mode.branches == ("cond", "guide"):
+            p.cond = self._eps(x, t, self.labels)
+            p.guide = self._eps(x, t, self.labels, guide=True)  # the same label through the weaker network
         if mode.gradient:
             assert self.grad_fn is not None
             p.grad = self.grad_fn(x, t, self.labels)  # the ORIGINAL training indices, also when respaced

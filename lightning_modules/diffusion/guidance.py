@@ -33,8 +33,9 @@ GradFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> ∇_x log 
 class StepMode:
     """What one step evaluates, decided on the host before it runs (a compiled step specialises on it).
 
-    `branches`: the network predictions needed, a subset of ("cond", "uncond") in that order (both = one
-    batched forward of 2B); `gradient`: whether the classifier gradient is taken.
+    `branches`: the network predictions needed: ("cond",), ("uncond",), ("cond", "uncond") (one batched
+    forward of 2B) or ("cond", "guide") (the main and the guide network); `gradient`: whether the classifier
+    gradient is taken.
     """
 
     branches: tuple[str, ...]
@@ -42,8 +43,12 @@ class StepMode:
 
     @property
     def network_evaluations(self) -> int:
-        """Per sample: the batched CFG forward of 2B counts 2."""
-        return len(self.branches)
+        """Per sample, of the main network: the batched CFG forward of 2B counts 2."""
+        return len([b for b in self.branches if b != "guide"])
+
+    @property
+    def guide_evaluations(self) -> int:
+        return int("guide" in self.branches)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Predictions:
     memory: Tensor
     cond: Tensor | None = None
     uncond: Tensor | None = None
+    guide: Tensor | None = None  # the guide network's conditional ε (autoguidance)
     grad: Tensor | None = None  # ∇_{x_t} log p(y | x_t), unscaled
 
     def x0(self, eps: Tensor) -> Tensor:
@@ -133,6 +139,7 @@ class GuidanceRule:
 
     name: ClassVar[str]
     uses_gradient: ClassVar[bool] = False  # may need a classifier gradient at some scale
+    uses_guide: ClassVar[bool] = False  # needs a guide network (autoguidance)
     scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
     samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it is defined on (None = all)
 

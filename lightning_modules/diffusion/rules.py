@@ -167,9 +167,31 @@ class ClassifierFreePlusPlus(GuidanceRule):
         return Guided(p.uncond + lam * (p.cond - p.uncond), eps_renoise=p.uncond)
 
 
+class Autoguidance(GuidanceRule):
+    """Autoguidance (Karras et al. 2024): ε̂ = ε_g + w·(ε_c − ε_g), with ε_g the same label's prediction of a
+    weaker conditional model (an earlier snapshot or a smaller model of the same data). w = 1 is the main
+    model; γ = w (the CFG-like axis; the guide is not p(y|x))."""
+
+    name = "autoguidance"
+    uses_guide = True
+
+    def gamma(self, scale: float) -> float:
+        return scale
+
+    def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        effective = {1.0 + (s - 1.0) * w for s in scales}
+        return StepMode(("cond",) if effective == {1.0} else ("cond", "guide"), False)
+
+    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
+        if p.guide is None:
+            return Guided(p.cond)
+        s = (1 + (scale - 1) * w).view(-1, 1, 1, 1)
+        return Guided(p.guide + s * (p.cond - p.guide))  # EDM2's D_g.lerp(D_main, w), in ε
+
+
 RULES: dict[str, type[GuidanceRule]] = {
     r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
-                        ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus)}
+                        ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus, Autoguidance)}
 METHODS = tuple(RULES)
 
 
@@ -180,13 +202,14 @@ def make_rule(method: str, options: GuidanceOptions | None = None) -> GuidanceRu
     return RULES[method](options)
 
 
-def cell_cost(rule: GuidanceRule, scale: float, schedule: NoiseSchedule, steps: int) -> tuple[float, float]:
-    """(network evaluations, classifier passes) per sample of one cell sampled on its own: a pure function
-    of the plan. (A batched pass may evaluate both CFG branches for s = 0 or 1 when its chunk also holds
-    other scales; the cost a cell is reported with is what it needs by itself.)"""
-    nfe = passes = 0
+def cell_cost(rule: GuidanceRule, scale: float, schedule: NoiseSchedule, steps: int) -> tuple[float, float, float]:
+    """(main-network evaluations, classifier passes, guide-network evaluations) per sample of one cell sampled
+    on its own: a pure function of the plan. (A batched pass may evaluate both CFG branches for s = 0 or 1
+    when its chunk also holds other scales; the cost a cell is reported with is what it needs by itself.)"""
+    nfe = passes = guides = 0
     for t in respaced_timesteps(schedule.timesteps, steps):
         mode = rule.mode([scale], guidance_weight(t, schedule, rule.options))
         nfe += mode.network_evaluations
         passes += int(mode.gradient)
-    return float(nfe), float(passes)
+        guides += mode.guide_evaluations
+    return float(nfe), float(passes), float(guides)

@@ -21,7 +21,15 @@ from .engine import (
     signature,
 )
 from .evaluation import Evaluation, build_evaluation, check_extractor_available, resolve_extractor
-from .models import Network, SweepModels, check_compatible, load_classifier, load_diffusion, weights_hash
+from .models import (
+    Network,
+    SweepModels,
+    check_compatible,
+    load_classifier,
+    load_diffusion,
+    resolve_guide,
+    weights_hash,
+)
 from .store import COLUMNS, SweepStore, check_writable
 from .tables import aggregate, format_table, summary
 
@@ -29,6 +37,6 @@ __all__ = [
     "COLUMNS", "DEFAULT_SCALES", "Distributed", "Evaluation", "Job", "JobResult", "Network", "SingleProcess",
     "SweepConfig", "SweepModels", "SweepStore", "aggregate", "build_evaluation", "check_compatible",
     "check_extractor_available", "check_writable", "format_table", "generate_images", "load_classifier",
-    "load_diffusion", "plan_jobs", "resolve_extractor", "run_job", "run_sweep", "signature", "summary",
+    "load_diffusion", "plan_jobs", "resolve_guide", "resolve_extractor", "run_job", "run_sweep", "signature", "summary",
     "weights_hash",
 ]

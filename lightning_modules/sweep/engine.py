@@ -79,7 +79,8 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     """
     sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
     spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
-            "classifier": models.classifier.sha if models.classifier else None, "extractor": evaluation.extractor_id,
+            "classifier": models.classifier.sha if models.classifier else None,
+            "guide": models.guide.sha if models.guide else None, "extractor": evaluation.extractor_id,
             "reference": evaluation.reference_id, "num_samples": config.num_samples,
             "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -105,14 +106,18 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
     s = config.sampling
     for chunk in items.split(config.batch_size):
         sample_idx, scale_idx = chunk % n, chunk // n
+        guide = models.guide
         den = GuidedDenoiser(models.diffusion.net, models.schedule, (sample_idx % models.num_classes).to(device),
                              models.num_classes, rule, [job.scales[j] for j in scale_idx.tolist()],
-                             grad_fn=models.grad_fn, prediction=models.prediction)
+                             grad_fn=models.grad_fn, prediction=models.prediction,
+                             guide=guide.net if guide else None,
+                             guide_prediction=guide.hparams["prediction"] if guide else "eps")
         keys = sample_keys(job.seed, sample_idx).to(device)
+        stats: dict = {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             images = sample(den, models.shape, keys, s.steps, s.sampler, s.eta, s.clip_x0, compile=s.compile,
-                            callback=on_step)
-        yield chunk, images.float()
+                            callback=on_step, threshold=s.threshold, stats=stats)
+        yield chunk, images.float(), stats["thresholded_steps"]
 
 
 def _sync(device: torch.device) -> None:
@@ -129,19 +134,20 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     feats = torch.zeros(total, evaluation.extractor.num_features, device=device)
     logits = torch.zeros(total, evaluation.logit_width(models.shape, device), device=device)
     grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
+    thresholded = torch.zeros(total, device=device)  # steps at which each item's x̂0 was thresholded
     start, feature_seconds = time.perf_counter(), 0.0
-    for chunk, images in generate_images(models, config, job, torch.arange(dist.rank, total, dist.world),
-                                         autocast_dtype, on_step):
+    for chunk, images, hits in generate_images(models, config, job, torch.arange(dist.rank, total, dist.world),
+                                               autocast_dtype, on_step):
         _sync(device)
         t0 = time.perf_counter()
         f, lg = evaluation.extractor.extract(images)
         index = chunk.to(device)
-        feats[index], logits[index] = f.to(device), lg.to(device)
+        feats[index], logits[index], thresholded[index] = f.to(device), lg.to(device), hits.to(device)
         in_grid = (chunk % n < g).to(device)
         grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
         _sync(device)
         feature_seconds += time.perf_counter() - t0
-    for tensor in (feats, logits, grid):
+    for tensor in (feats, logits, grid, thresholded):
         dist.all_sum(tensor)
     _sync(device)
     sampling_seconds = time.perf_counter() - start - feature_seconds
@@ -151,10 +157,13 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     rows = []
     for j, scale in enumerate(job.scales):
         part = slice(j * n, (j + 1) * n)
-        nfe, passes = cell_cost(rule, scale, models.schedule, config.sampling.steps)
+        nfe, passes, guides = cell_cost(rule, scale, models.schedule, config.sampling.steps)
         rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
+                     "guide_evals_per_sample": guides,
+                     "unet_equivalents_per_sample": models.unet_equivalents(nfe, passes, guides),
+                     "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
                      **evaluation.score(feats[part], logits[part], labels), **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})
     _sync(device)

@@ -52,6 +52,7 @@ class SweepModels:
 
     diffusion: Network
     classifier: Network | None = None
+    guide: Network | None = None  # a weaker diffusion model of the same data (autoguidance)
     schedule: NoiseSchedule = field(init=False)
     grad_fn: GradFn | None = field(init=False, default=None)
 
@@ -62,6 +63,30 @@ class SweepModels:
             check_compatible(hp, self.classifier.hparams)
             # One gradient function for the whole sweep, so a compiled step is traced once.
             self.grad_fn = functools.partial(classifier_grad, self.classifier.net)
+        if self.guide is not None:
+            check_compatible(hp, self.guide.hparams, what="guide", option="sweep.guide_ckpt")
+        self._flops: dict[str, float] | None = None
+
+    def flops(self) -> dict[str, float]:
+        """FLOPs per sample of one main-network evaluation, one guide evaluation and one classifier forward +
+        backward (torch.utils.flop_counter: matmuls, convolutions, attention), counted once."""
+        if self._flops is None:
+            x = torch.zeros(2, *self.shape, device=self.device)
+            t = torch.full((2,), self.schedule.timesteps // 2, device=self.device)
+            y = torch.zeros(2, dtype=torch.long, device=self.device)
+            counts = {"diffusion": _count(lambda: self.diffusion.net(x, t, y)) / 2}
+            if self.guide is not None:
+                counts["guide"] = _count(lambda: self.guide.net(x, t, y)) / 2
+            if self.classifier is not None:
+                counts["classifier"] = _count(lambda: _input_gradient(self.classifier.net, x, t)) / 2
+            self._flops = counts
+        return self._flops
+
+    def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float) -> float:
+        """A cell's cost per sample in main-network evaluations, the other passes converted by their FLOPs."""
+        f = self.flops()
+        return (nfe + classifier_passes * f.get("classifier", 0.0) / f["diffusion"]
+                + guide_evals * f.get("guide", 0.0) / f["diffusion"])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,20 +113,37 @@ class SweepModels:
 
     def identity(self) -> dict:
         """What the rows record about the networks (and what their cells are keyed by)."""
-        c = self.classifier
+        c, g = self.classifier, self.guide
         return {"diffusion_step": self.diffusion.step, "diffusion_sha": self.diffusion.sha,
-                "classifier_step": c.step if c else -1, "classifier_sha": c.sha if c else ""}
+                "classifier_step": c.step if c else -1, "classifier_sha": c.sha if c else "",
+                "guide_step": g.step if g else -1, "guide_sha": g.sha if g else ""}
 
 
-def check_compatible(diffusion_hparams: dict, classifier_hparams: dict, classifier_path: str = "") -> None:
+def _input_gradient(net: nn.Module, x: Tensor, t: Tensor) -> None:
+    # Forward and backward to the input, as classifier guidance does (`.backward()`: the FLOP counter does
+    # not follow `torch.autograd.grad`).
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        net(x_in, t).float().logsumexp(-1).sum().backward()
+
+
+def _count(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def check_compatible(diffusion_hparams: dict, other_hparams: dict, path: str = "", what: str = "noisy classifier",
+                     option: str = "sweep.classifier_ckpt") -> None:
     """Guidance is meaningful only if both models share classes, image shape and noise schedule."""
-    bad = [f"{k}: diffusion={diffusion_hparams.get(k)!r} classifier={classifier_hparams.get(k)!r}"
-           for k in COMPAT_KEYS if diffusion_hparams.get(k) != classifier_hparams.get(k)]
+    bad = [f"{k}: diffusion={diffusion_hparams.get(k)!r} {what}={other_hparams.get(k)!r}"
+           for k in COMPAT_KEYS if diffusion_hparams.get(k) != other_hparams.get(k)]
     if bad:
-        raise OptionError("sweep.classifier_ckpt", f"the noisy classifier {classifier_path} does not match the "
-                          f"diffusion model ({'; '.join(bad)})", "train the classifier on the same data with the "
-                          "same --model.init_args.schedule/timesteps (the *_classifier.yaml recipes mirror the "
-                          "diffusion recipes)")
+        raise OptionError(option, f"the {what} {path} does not match the diffusion model ({'; '.join(bad)})",
+                          f"train the {what} on the same data with the same --model.init_args.schedule/timesteps "
+                          "(the recipes in configs/experiments/ mirror each other)")
 
 
 def read_checkpoint(path: str | Path, option: str) -> dict:
@@ -127,9 +169,9 @@ def _submodule(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> Network:
+def load_diffusion(path: str | Path, device: torch.device | str = "cpu", option: str = "diffusion checkpoint"
+                   ) -> Network:
     """The EMA network of a ConditionalDiffusion checkpoint (what generates every evaluation sample)."""
-    option = "diffusion checkpoint"
     ckpt = read_checkpoint(path, option)
     hp = dict(ckpt["hyper_parameters"])
     if "p_uncond" not in hp:
@@ -138,6 +180,14 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu") -> Netw
     net = UNet.from_hparams(hp)
     _load(net, _submodule(ckpt["state_dict"], "ema_net."), path, option)
     return Network(net.to(device), hp, int(ckpt.get("global_step", 0)))
+
+
+def resolve_guide(guide: str, diffusion_ckpt: str | Path) -> Path:
+    """`snapshot:1/16` → the guide snapshot the diffusion fit saved next to `diffusion_ckpt`; else a path."""
+    if not guide.startswith("snapshot:"):
+        return Path(guide)
+    fraction = guide.split(":", 1)[1].replace("/", "of")
+    return Path(diffusion_ckpt).parent / f"guide-{fraction}.ckpt"
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Network:

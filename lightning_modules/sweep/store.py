@@ -24,12 +24,13 @@ from lightning_modules.diffusion import OptionError
 
 COLUMNS = [
     "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
-    "nfe_per_sample", "classifier_grads_per_sample", "fid", "kid", "kid_std", "score", "precision", "recall",
-    "accuracy", "seconds", "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step",
-    "classifier_sha", "extractor", "signature", "grid",
+    "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample", "unet_equivalents_per_sample",
+    "thresholded_fraction", "fid", "kid", "kid_std", "score", "precision", "recall", "accuracy", "seconds",
+    "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
+    "guide_sha", "extractor", "signature", "grid",
 ]
-TEXT = {"method", "sampler", "diffusion_sha", "classifier_sha", "extractor", "signature", "grid"}
-INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step"}
+TEXT = {"method", "sampler", "diffusion_sha", "classifier_sha", "guide_sha", "extractor", "signature", "grid"}
+INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step", "guide_step"}
 
 
 def check_writable(directory: str | Path, option: str = "sweep.output_dir") -> Path:
