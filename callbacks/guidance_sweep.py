@@ -83,7 +83,7 @@ class GuidanceSweep(Callback):
         if config.classifier_ckpt and self.classifier is None:
             self.classifier = load_classifier(config.classifier_ckpt)
             check_compatible(dict(pl_module.hparams), self.classifier.hparams, config.classifier_ckpt)
-        if config.guide_ckpt and self.guide is None:
+        if config.needs_guide and self.guide is None:
             path = self._guide_path(trainer)
             if path.exists() or not config.guide_ckpt.startswith("snapshot:"):  # fit-time snapshots come later
                 self.guide = load_diffusion(path, option="sweep.guide_ckpt")
@@ -149,7 +149,7 @@ class GuidanceSweep(Callback):
             evaluation = self._prepare_evaluation(trainer, device)
             if self.classifier is not None:
                 self.classifier.net.to(device)
-            if self.config.guide_ckpt and self.guide is None:  # a snapshot the fit made after setup
+            if self.config.needs_guide and self.guide is None:  # a snapshot the fit made after setup
                 self.guide = load_diffusion(self._guide_path(trainer), option="sweep.guide_ckpt")
             if self.guide is not None:
                 self.guide.net.to(device)

@@ -1,50 +1,137 @@
-"""A sweep on W&B: per-cell scalars against each method's own scale axis, all-method charts, the table
-of every cell, the PNG plots, and a summary holding the best FID per method (not the last one logged)."""
+"""A sweep on W&B, organised the way the runs are compared.
+
+History (one row per finished cell): each seed is its own series, `sweep/<method>/seed<k>/<metric>` against
+the method's own axis `sweep/<method>/scale` (and `sweep/<method>/gamma`), with the cell's image grid under
+`sweep/<method>/seed<k>/samples`. After the sweep: one chart per metric with every method against scale and
+against γ, as mean and mean ± std over seeds (`sweep/<metric>_vs_<axis>`), the table behind them
+(`sweep/curves`: method, metric, scale, gamma, mean, std, lower, upper, seeds), the table of every cell
+(`sweep/table`) and the PNG plots (`sweep/plots/<name>`).
+
+Summary: W&B shows a key's last logged value, which for a sweep is the last cell (largest scale, last seed),
+not a result. So the summary is rewritten after the sweep to describe each method's *best* scale (lowest FID
+mean over seeds): `sweep/<method>/best_fid` (mean), `best_fid_std`, `best_scale`, `best_gamma`,
+`best_accuracy` (mean at that scale), `best_accuracy_std`, `best_seeds`; and every per-cell key
+(`sweep/<method>/scale`, `.../gamma`, `.../seed<k>/<metric>`, `.../seed<k>/samples`) is overwritten with its
+value at that best scale, so no last-logged value masquerades as a result.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from lightning_modules.sweep import COLUMNS, aggregate
+from lightning_modules.sweep import COLUMNS, SweepConfig, aggregate, summary
 from lightning_modules.sweep.plots import METRICS
 
+CURVE_COLUMNS = ["method", "metric", "scale", "gamma", "mean", "std", "lower", "upper", "seeds"]
 
-def log_cell(run, row: dict, grid: Tensor) -> None:
-    """One finished cell: its metrics against `sweep/<method>/scale` (exact metric names, no globs) + grid."""
+
+def cell_key(method: str, seed: int, name: str) -> str:
+    """The history key of one seed's series: `sweep/<method>/seed<k>/<name>`."""
+    return f"sweep/{method}/seed{int(seed)}/{name}"
+
+
+def sweep_tags(config: SweepConfig, dataset: str | None = None) -> list[str]:
+    """Tags that make sweeps filterable: the dataset, every method, the sampler."""
+    return [t for t in (dataset, *config.methods, config.sampling.sampler) if t]
+
+
+def add_tags(run: Any, tags: Iterable[str]) -> None:
+    """Add tags to a live run, keeping the ones it has (and their order)."""
+    old = tuple(run.tags or ())
+    new = tuple(dict.fromkeys([*old, *tags]))
+    if new != old:
+        run.tags = new
+
+
+def log_cell(run: Any, row: dict, grid: Tensor) -> None:
+    """One finished cell: its metrics as the seed's own series against `sweep/<method>/scale`, + its grid."""
     import wandb
 
-    method = row["method"]
+    method, seed = row["method"], row["seed"]
     axis = f"sweep/{method}/scale"
     run.define_metric(axis)
-    for name in (*METRICS, "gamma", "samples"):
-        run.define_metric(f"sweep/{method}/{name}", step_metric=axis)
+    run.define_metric(f"sweep/{method}/gamma", step_metric=axis)
+    for name in (*METRICS, "samples"):
+        run.define_metric(cell_key(method, seed, name), step_metric=axis)
     images = make_grid((grid + 1) / 2, nrow=min(len(grid), 10), padding=1)
     run.log({axis: row["scale"], f"sweep/{method}/gamma": row["gamma"],
-             **{f"sweep/{method}/{m}": row[m] for m in METRICS},
-             f"sweep/{method}/samples": wandb.Image(images, caption=f"{method} s={row['scale']:g} seed={row['seed']}")})
+             **{cell_key(method, seed, m): row[m] for m in METRICS},
+             cell_key(method, seed, "samples"): wandb.Image(images, caption=_caption(row))})
 
 
-def log_sweep(run, rows: list[dict], plot_paths: list[Path]) -> None:
-    """All methods on one chart per metric (vs scale and vs γ), the table of every cell, the PNGs."""
+def log_sweep(run: Any, rows: list[dict], plot_paths: list[Path], grid_dir: Path | None = None) -> None:
+    """The all-method charts with error bars, their table, the table of every cell, the PNGs; then the summary.
+
+    `grid_dir` is the sweep's output directory (rows' `grid` paths are relative to it): with it, the summary's
+    `.../samples` keys show the best scale's grids.
+    """
     import wandb
 
-    table = wandb.Table(columns=COLUMNS, data=[[r.get(c) for c in COLUMNS] for r in rows])
-    payload = {"sweep/table": table}
+    seeds = Counter((r["method"], r["scale"]) for r in rows)
+    payload: dict[str, Any] = {"sweep/table": wandb.Table(columns=COLUMNS,
+                                                          data=[[r.get(c) for c in COLUMNS] for r in rows])}
+    curve_rows = []
     for metric in METRICS:
         curves = aggregate(rows, metric)
-        methods = list(curves)
+        for method, points in curves.items():
+            curve_rows += [[method, metric, s, g, mean, std, mean - std, mean + std, seeds[(method, s)]]
+                           for s, g, mean, std in points]
         for axis, index in (("scale", 0), ("gamma", 1)):
-            payload[f"sweep/{metric}_vs_{axis}"] = wandb.plot.line_series(
-                xs=[[p[index] for p in curves[m]] for m in methods], ys=[[p[2] for p in curves[m]] for m in methods],
-                keys=methods, title=f"{metric} vs {axis}", xname=axis)
+            payload[f"sweep/{metric}_vs_{axis}"] = _band_chart(curves, index, metric, axis)
+    payload["sweep/curves"] = wandb.Table(columns=CURVE_COLUMNS, data=curve_rows)
     for path in plot_paths:
         payload[f"sweep/plots/{path.stem}"] = wandb.Image(str(path))
     run.log(payload)
-    # W&B sweeps rank runs by the summary: give them the best FID over scales (mean over seeds) per method.
-    for method, points in aggregate(rows, "fid").items():
-        best = min(points, key=lambda p: p[2])
-        run.summary[f"sweep/{method}/best_fid"] = best[2]
-        run.summary[f"sweep/{method}/best_scale"] = best[0]
+    write_summary(run, rows, grid_dir)
+
+
+def write_summary(run: Any, rows: list[dict], grid_dir: Path | None = None) -> None:
+    """Per method, the best scale by FID mean over seeds (W&B sweeps rank runs by `sweep/<method>/best_fid`)."""
+    import wandb
+
+    for best in summary(rows):
+        method, scale = best["method"], best["best_scale"]
+        prefix = f"sweep/{method}"
+        run.summary.update({f"{prefix}/best_fid": best["fid"], f"{prefix}/best_fid_std": best["fid_std"],
+                            f"{prefix}/best_scale": scale, f"{prefix}/best_gamma": best["gamma"],
+                            f"{prefix}/best_accuracy": best["accuracy"],
+                            f"{prefix}/best_accuracy_std": best["accuracy_std"], f"{prefix}/best_seeds": best["seeds"],
+                            f"{prefix}/scale": scale, f"{prefix}/gamma": best["gamma"]})
+        for row in rows:
+            if row["method"] != method or not math.isclose(row["scale"], scale):
+                continue
+            run.summary.update({cell_key(method, row["seed"], m): row[m] for m in METRICS})
+            grid = grid_dir / row["grid"] if grid_dir is not None and row.get("grid") else None
+            if grid is not None and grid.is_file():
+                run.summary[cell_key(method, row["seed"], "samples")] = wandb.Image(str(grid), caption=_caption(row))
+
+
+def _band_chart(curves: dict[str, list[tuple[float, float, float, float]]], index: int, metric: str, axis: str):
+    """Every method's mean over seeds, and mean ± std where a method has several seeds (line_series has no
+    error bars; the same numbers are in `sweep/curves` for a custom chart)."""
+    import wandb
+
+    xs, ys, keys = [], [], []
+    for method, points in curves.items():
+        x = [p[index] for p in points]
+        xs.append(x)
+        ys.append([p[2] for p in points])
+        keys.append(method)
+        if any(p[3] > 0 for p in points):
+            for sign, label in ((-1, "-1σ"), (1, "+1σ")):
+                xs.append(x)
+                ys.append([p[2] + sign * p[3] for p in points])
+                keys.append(f"{method} {label}")
+    return wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=f"{metric} vs {axis} (mean ± std over seeds)",
+                                  xname=axis)
+
+
+def _caption(row: dict) -> str:
+    return f"{row['method']} s={row['scale']:g} γ={row['gamma']:g} seed={row['seed']}"

@@ -1,7 +1,8 @@
-"""The one-command study: CG vs CFG on the embedded digits, end to end, on a CPU.
+"""The one-command study: CFG vs classifier guidance vs autoguidance on the embedded digits, end to end, on a CPU.
 
     python -m experiments.compare                 # ≈10 minutes on 2 CPU cores
     python -m experiments.compare --seeds 0 1 2   # error bars over sampling seeds
+    python -m experiments.compare --sweep_recipe configs/experiments/digits_sweep_frontier.yaml   # every method
 
 Stages: noisy classifier → CFG diffusion model → guidance sweep (evaluator trained/cached on the
 way). Each stage lives in a directory keyed by a hash of its settings: a finished stage is
@@ -108,6 +109,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
     p.add_argument("--classifier_steps", type=int, default=None, help="override the classifier's max_steps")
+    p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),
+                   help="the sweep's YAML (methods, scale grids, sampler); "
+                        "configs/experiments/digits_sweep_frontier.yaml runs every method")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further LightningCLI overrides for the sweep stage, e.g. --sweep.sampling.eta=1.0")
     return p.parse_args(argv)
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = fit_stage(root, "classifier", cls_args, group)
     diffusion = fit_stage(root, "diffusion", diff_args, group)
 
-    base = [*diff_args, "--config", str(CONFIGS / "digits_sweep.yaml"), "--sweep.classifier_ckpt",
+    base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt",
             str(classifier), "--sweep.num_samples", str(args.num_samples),
             "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds)]
     sweep_args = [*base, *args.extra]

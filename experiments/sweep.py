@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
     classifier = load_classifier(config.classifier_ckpt, device) if config.classifier_ckpt else None
     guide = (load_diffusion(resolve_guide(config.guide_ckpt, args.diffusion), device, option="sweep.guide_ckpt")
-             if config.guide_ckpt else None)
+             if config.needs_guide else None)
     models = SweepModels(diffusion, classifier, guide)
     store = SweepStore(out_dir)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,

@@ -101,3 +101,21 @@ def test_inductor_compiled_sampling_matches_eager(nets):
     ref, _ = _draw(nets, "ddim")
     out, _ = _draw(nets, "ddim", compile="default", backend="inductor")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["apg", "autoguidance", "cfgpp"])
+def test_new_rules_compile_to_one_graph_per_step_kind(nets, method):
+    net, _ = nets
+    backend = CountingBackend()
+    idx = torch.arange(N)
+    schedule = NoiseSchedule("cosine", 1000)
+    scales = [0.25, 0.5, 1.0] * 4 if method == "cfgpp" else [1.5, 2.0, 3.0] * 4
+
+    def draw(compile):
+        den = GuidedDenoiser(net, schedule, idx % NUM_CLASSES, NUM_CLASSES, method, scales, guide=net)
+        return sample(den, (1, SIZE, SIZE), sample_keys(0, idx), 6, "ddim", compile=compile, compile_backend=backend)
+
+    eager = draw(None)
+    compiled = draw("default")
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert backend.graphs == 1

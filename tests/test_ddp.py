@@ -42,18 +42,19 @@ def test_ddp_fit_advances_on_both_ranks_and_resumes(tmp_path):
 
 def test_ddp_sweep_equals_single_process_with_uneven_split(tmp_path):
     cls, diff = fit("classifier", tmp_path / "cls"), fit("diffusion", tmp_path / "diff")
-    scales = {"cfg": [0.0, 2.0], "cg_cond": [1.0]}
-    # 31 samples per cell: 2 ranks get 16 and 15 items of each pass.
-    extra = ["--sweep.num_samples=31"]
+    scales = {"cfg": [0.0, 2.0], "cg_cond": [1.0], "apg": [2.0], "autoguidance": [2.0]}
+    # 31 samples per cell: 2 ranks get 16 and 15 items of each pass. Dynamic thresholding is summed across
+    # ranks like the features; autoguidance takes the fit's own snapshot as its guide.
+    extra = ["--sweep.num_samples=31", "--sweep.guide_ckpt=snapshot:1/4", "--sweep.sampling.threshold=0.995"]
     single = sweep_args(diff, cls, tmp_path / "one", tmp_path / "cache", tmp_path / "l1", scales, extra)
     double = sweep_args(diff, cls, tmp_path / "two", tmp_path / "cache", tmp_path / "l2", scales, [*extra, *DDP])
     run_cli(single, tmp_path)
     run_cli(double, tmp_path)
     rows1 = list(csv.DictReader(open(tmp_path / "one" / "sweep.csv")))
     rows2 = list(csv.DictReader(open(tmp_path / "two" / "sweep.csv")))
-    assert len(rows1) == len(rows2) == 3  # rank 0 alone wrote: no duplicated rows
+    assert len(rows1) == len(rows2) == 5  # rank 0 alone wrote: no duplicated rows
     for a, b in zip(rows1, rows2):
         assert (a["method"], a["scale"], a["num_samples"]) == (b["method"], b["scale"], b["num_samples"])
-        for metric in ("fid", "kid", "score", "precision", "recall", "accuracy"):
+        for metric in ("fid", "kid", "score", "precision", "recall", "accuracy", "thresholded_fraction"):
             assert float(a[metric]) == pytest.approx(float(b[metric]), rel=1e-4, abs=1e-5), metric
     assert len(list((tmp_path / "l2" / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logs to W&B

@@ -199,7 +199,8 @@ def test_trainer_free_sweep_command_ends_with_the_summary_and_paths(trained, tmp
     from experiments.sweep import main as sweep_main
 
     argv = ["--diffusion", str(trained["diffusion"]), "--config", str(CONFIGS / "digits_sweep.yaml"),
-            "--sweep.classifier_ckpt", str(trained["classifier"]), "--sweep.scales",
+            "--sweep.classifier_ckpt", str(trained["classifier"]), "--sweep.methods", "[cfg, cg_cond, cg_uncond]",
+            "--sweep.scales",
             '{"cfg": [0, 2], "cg_cond": [1], "cg_uncond": [2]}', "--sweep.num_samples", "12",
             "--sweep.sampling.steps", "2", "--sweep.output_dir", str(tmp_path / "out"),
             "--sweep.cache_dir", str(trained["cache"]), "--sweep.progress", "false"]

@@ -133,13 +133,17 @@ class SweepConfig:
             raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
         self.sampling.check(timesteps, prefix=f"{P}sampling.")
         self.guidance.check(timesteps, prefix=f"{P}guidance.")
-        if any(make_rule(m, self.guidance).uses_guide for m in self.methods) and not self.guide_ckpt:
+        if self.needs_guide and not self.guide_ckpt:
             raise OptionError(f"{P}guide_ckpt", "autoguidance needs a guide network",
                               "pass --sweep.guide_ckpt=snapshot:1/16 (a snapshot the diffusion fit kept) or a path "
                               "to a weaker diffusion model's checkpoint")
         if self.needs_classifier and not self.classifier_ckpt:
             raise OptionError(f"{P}classifier_ckpt", f"methods {self.methods} take classifier gradients",
                               "pass a noisy-classifier checkpoint: --sweep.classifier_ckpt=PATH/last.ckpt")
+
+    @property
+    def needs_guide(self) -> bool:
+        return any(make_rule(m, self.guidance).uses_guide for m in self.methods)
 
     @property
     def needs_classifier(self) -> bool:

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .plots import METRIC_LABEL, finite, label_of, new_figure, save, style_of, wrap
-from .tables import aggregate, best_index, summary
+from .tables import aggregate, best_index, passes, passes_text, summary
 
 OFFSETS = ((5, 4, "left", "bottom"), (5, -4, "left", "top"), (-5, 4, "right", "bottom"),
            (-5, -4, "right", "top"), (0, 8, "center", "bottom"), (0, -8, "center", "top"),
@@ -182,8 +182,11 @@ def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
     best = summary(rows)
     fig, axes = new_figure((11, 4.8), ncols=2)
     reference = [r["fid"] for r in rows if (r["method"], r["scale"]) in (("cfg", 1.0), ("cg_cond", 0.0))]
-    panels = (("passes", "network passes per sample: diffusion-model evaluations + classifier forward/backward "
-               "passes", lambda b: (b["nfe_per_sample"] + b["classifier_grads_per_sample"], float("nan"))),
+    weighted = all(finite(b["unet_equivalents_per_sample"]) for b in best)  # rows that carry FLOP-weighted cost
+    panels = (("passes", "cost per sample in diffusion-network evaluations (classifier / guide passes weighted by "
+               "their FLOPs)" if weighted else "network passes per sample: diffusion-model evaluations + classifier "
+               "forward/backward passes", lambda b: (b["unet_equivalents_per_sample"] if weighted else passes(b),
+                                                     math.nan)),
               ("seconds", "wall seconds per sample (as recorded for the cell)",
                lambda b: (b["seconds_per_sample"], b["seconds_per_sample_std"])))
     labels: list[list[tuple[float, float, str, str, bool]]] = []
@@ -195,7 +198,7 @@ def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
             ax.errorbar([x], [b["fid"]], xerr=[xerr if finite(xerr) else 0], yerr=[b["fid_std"] if finite(
                 b["fid_std"]) else 0], color=colour, marker=marker, markersize=8, capsize=3, lw=0, elinewidth=1.2,
                 label=label_of(b["method"]))
-            detail = (f"{b['nfe_per_sample']:g} model + {b['classifier_grads_per_sample']:g} classifier"
+            detail = (passes_text(b) + (f"\n≈ {x:.3g} model evaluations" if weighted else "")
                       if what == "passes" else f"{x:.3g} s")
             items.append((x, b["fid"], f"{label_of(b['method'])}, s = {b['best_scale']:g}\n{detail}", colour, False))
         if reference:

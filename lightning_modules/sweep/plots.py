@@ -31,10 +31,14 @@ METRIC_LABEL = {"fid": ("FID", "lower is better"), "kid": ("KID", "lower is bett
                 "accuracy": ("target-class accuracy", "higher is better")}
 METHOD_STYLE = {"cfg": ("CFG", "tab:blue", "o"), "cg_cond": ("CG on the conditional branch", "tab:orange", "s"),
                 "cg_uncond": ("CG on the unconditional branch", "tab:green", "^"),
-                "cfg+cg": ("CFG + fixed CG", "tab:red", "D"), "none": ("no guidance", "tab:gray", "x")}
+                "cfg+cg": ("CFG + fixed CG", "tab:red", "D"), "none": ("no guidance", "tab:gray", "x"),
+                "apg": ("APG", "tab:purple", "v"), "cfgpp": ("CFG++", "tab:brown", "P"),
+                "autoguidance": ("autoguidance", "tab:pink", "h")}
 SCALE_AXIS = {"cfg": "CFG scale s  (0 = unconditional, 1 = conditional model)",
               "cg_cond": "CG scale s  (0 = conditional model)", "cg_uncond": "CG scale s  (0 = unconditional model)",
-              "cfg+cg": "CFG scale s  (CG scale fixed)"}
+              "cfg+cg": "CFG scale s  (CG scale fixed)", "apg": "APG scale s  (1 = conditional model)",
+              "cfgpp": "CFG++ scale s  (1 = conditional model)",
+              "autoguidance": "autoguidance scale s  (1 = main model alone)"}
 GAMMA_AXIS = "γ, the exponent on p(y|x) a scale implies (1 = conditional model)"
 PANELS = (("fid",), ("accuracy",), ("precision", "recall"), ("score",), ("kid",))
 
@@ -45,7 +49,7 @@ def label_of(method: str) -> str:
 
 def style_of(method: str) -> tuple[str, str]:
     """(colour, marker) of a method: the same in every figure."""
-    _, colour, marker = METHOD_STYLE.get(method, (method, "tab:purple", "v"))
+    _, colour, marker = METHOD_STYLE.get(method, (method, "tab:olive", "p"))
     return colour, marker
 
 
@@ -96,7 +100,7 @@ def protocol_title(rows: list[dict], protocol: dict | None = None) -> str:
              f"{r.get('num_samples', '?')} samples per cell",
              f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
              + ("" if len(seeds) > 1 else ": no spread shown"),
-             f"{r.get('extractor', '?')} features"]
+             f"{str(r.get('extractor', '?')).split('-')[0]} features"]  # the full id is in report.md
     return "  ·  ".join(parts)
 
 

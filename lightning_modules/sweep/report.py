@@ -19,7 +19,7 @@ from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
 from .store import _atomic_write
-from .tables import mean_std, summary
+from .tables import mean_std, passes, passes_text, summary
 
 HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
             "metrics_vs_gamma": "Metrics against γ", "front_fid_vs_accuracy": "FID–accuracy front",
@@ -50,10 +50,13 @@ METRIC_NOTES = [
     ("accuracy", "Share of samples the extractor's classifier assigns to the class they were generated for "
                  "(higher is better)."),
     ("γ", "The exponent on p(y|x) a scale implies: CFG γ = s, CG on the conditional branch γ = 1 + s, CG on the "
-          "unconditional branch γ = s. γ = 1 is the plain conditional model."),
+          "unconditional branch γ = s, CFG + fixed CG γ = s + its CG scale; APG, CFG++ and autoguidance use γ = s. "
+          "γ = 1 is the plain conditional model."),
     ("cost", "`nfe_per_sample` counts diffusion-network evaluations a cell needs by itself (a batched CFG "
-             "forward of 2B counts 2), `classifier_grads_per_sample` classifier forward+backward passes; wall "
-             "seconds are as recorded in the cell's rows."),
+             "forward of 2B counts 2), `classifier_grads_per_sample` classifier forward+backward passes (and "
+             "`guide_evals_per_sample` guide-network evaluations); where the rows carry it, ≈ gives the total in "
+             "diffusion-network evaluations with the other passes weighted by their FLOPs. Wall seconds are as "
+             "recorded in the cell's rows."),
     ("± std", "Standard deviation over sampling seeds; **—** means one seed, so no spread was measured."),
 ]
 
@@ -98,6 +101,14 @@ def cells(rows: list[dict]) -> list[list[dict]]:
     return [groups[k] for k in sorted(groups)]
 
 
+def _cost(r: dict) -> str:
+    """'25 + 25' (model + classifier passes per sample), '+ n guide' and '≈ m eq.' where the rows carry them."""
+    guide = r.get("guide_evals_per_sample") or 0.0
+    eq = r.get("unet_equivalents_per_sample")
+    return (f"{r['nfe_per_sample']:g} + {r['classifier_grads_per_sample']:g}" + (f" + {guide:g} guide" if guide else "")
+            + (f" (≈ {eq:.3g})" if isinstance(eq, float) and math.isfinite(eq) else ""))
+
+
 def _stat(cell: list[dict], key: str, digits: int = 3) -> str:
     return pm(*mean_std([r[key] for r in cell]), digits)
 
@@ -117,14 +128,14 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
                                                                                               b["best_scale"]))
         body.append([f"{label_of(b['method'])} (`{b['method']}`)", f"{b['best_scale']:g}", f"{b['gamma']:g}",
                      pm(b["fid"], b["fid_std"]), pm(b["accuracy"], b["accuracy_std"]), _stat(cell, "precision"),
-                     _stat(cell, "recall"), f"{b['nfe_per_sample']:g} + {b['classifier_grads_per_sample']:g}",
+                     _stat(cell, "recall"), _cost(b),
                      pm(b["seconds_per_sample"], b["seconds_per_sample_std"]), str(b["seeds"])])
     out += markdown_table(["method", "scale s", "γ", "FID ↓", "accuracy ↑", "precision ↑", "recall ↑",
-                           "passes / sample (model + classifier)", "seconds / sample", "seeds"], body)
+                           "passes / sample: model + classifier (≈ model evals)", "seconds / sample", "seeds"], body)
     top = min(best, key=lambda b: (math.isnan(b["fid"]), b["fid"]))
     out += ["", f"**At a glance**: the lowest FID is {label_of(top['method'])} at s = {top['best_scale']:g} "
             f"(FID {pm(top['fid'], top['fid_std'])}, accuracy {pm(top['accuracy'], top['accuracy_std'])}) for "
-            f"{top['nfe_per_sample'] + top['classifier_grads_per_sample']:g} network passes per sample.", "",
+            f"{passes(top):g} network passes per sample ({passes_text(top)}).", "",
             "Mean ± std over seeds; — = one seed (no spread measured). FID is compared within this sweep only "
             f"({first['num_samples']} samples per cell).", ""]
     for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",
@@ -145,17 +156,17 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
     out += ["## All cells", ""]
     body = [[f"`{c[0]['method']}`", f"{c[0]['scale']:g}", f"{c[0]['gamma']:g}", _stat(c, "fid"), _stat(c, "kid", 2),
              _stat(c, "score"), _stat(c, "precision"), _stat(c, "recall"), _stat(c, "accuracy"),
-             f"{c[0]['nfe_per_sample']:g} + {c[0]['classifier_grads_per_sample']:g}",
+             _cost(c[0]),
              _stat(c, "seconds_per_sample", 2), str(len(c))] for c in cells(rows)]
     out += markdown_table(["method", "s", "γ", "FID ↓", "KID ↓", "score ↑", "precision ↑", "recall ↑", "accuracy ↑",
-                           "passes (model + clf)", "s / sample", "seeds"], body)
+                           "passes: model + clf (≈ model evals)", "s / sample", "seeds"], body)
     out += ["", "## Protocol", ""] + protocol_lines(rows, protocol, class_names)
     total_seconds = sum(r["seconds"] for r in rows)
     samples = sum(r["num_samples"] for r in rows)
-    passes = sum(r["num_samples"] * (r["nfe_per_sample"] + r["classifier_grads_per_sample"]) for r in rows)
+    total_passes = sum(r["num_samples"] * passes(r) for r in rows)
     plural = "s" if len(seeds) != 1 else ""
     out += ["", "## Cost", "", f"- {len(rows)} cells ({len(cells(rows))} method × scale, {len(seeds)} seed{plural}), "
-            f"{samples:,} samples, {passes:,.0f} network passes in all.",
+            f"{samples:,} samples, {total_passes:,.0f} network passes in all.",
             f"- {total_seconds:,.0f} s of sampling and scoring recorded ({total_seconds / 60:.1f} min).", ""]
     space = ("Features are Inception-v3's pool features (the usual FID scale)." if "inception" in
              str(first["extractor"]).lower() else "Features are the framework's evaluator's 128-d embedding "
@@ -183,6 +194,8 @@ def protocol_lines(rows: list[dict], protocol: dict, class_names: list[str] | No
                      + (f" (`{protocol['classifier']}`)" if protocol.get("classifier") else ""))
     else:
         lines.append("- **noisy classifier**: none")
+    if r.get("guide_sha"):
+        lines.append(f"- **guide network**: step {r.get('guide_step')}, weights sha `{r['guide_sha']}`")
     lines += [f"- **sampler**: {r['sampler']}, {r['steps']} steps, η = {r['eta']:g}"
               + (f", precision {protocol['precision']}" if protocol.get("precision") else "")]
     guidance = protocol.get("guidance")

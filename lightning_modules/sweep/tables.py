@@ -30,6 +30,23 @@ def best_index(values: list[float]) -> int:
     return min(range(len(values)), key=lambda k: (math.isnan(values[k]), values[k]))
 
 
+def _get(row: dict, key: str, default: float) -> float:
+    value = row.get(key, default)
+    return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def passes(row: dict) -> float:
+    """Network passes per sample, unweighted: diffusion evaluations + classifier fwd/bwd + guide evaluations."""
+    return row["nfe_per_sample"] + row["classifier_grads_per_sample"] + _get(row, "guide_evals_per_sample", 0.0)
+
+
+def passes_text(row: dict) -> str:
+    """'50 model + 0 classifier' (+ guide evaluations where a cell has them)."""
+    guide = _get(row, "guide_evals_per_sample", 0.0)
+    return (f"{row['nfe_per_sample']:g} model + {row['classifier_grads_per_sample']:g} classifier"
+            + (f" + {guide:g} guide" if guide else ""))
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Best FID per method (mean over seeds), with the accuracy and the cost of that cell (its own rows)."""
     fid = aggregate(rows, "fid")
@@ -44,6 +61,8 @@ def summary(rows: list[dict]) -> list[dict]:
                     "accuracy": acc[method][i][2], "accuracy_std": acc[method][i][3],
                     "nfe_per_sample": cell[0]["nfe_per_sample"],
                     "classifier_grads_per_sample": cell[0]["classifier_grads_per_sample"],
+                    "guide_evals_per_sample": _get(cell[0], "guide_evals_per_sample", 0.0),
+                    "unet_equivalents_per_sample": _get(cell[0], "unet_equivalents_per_sample", math.nan),
                     "seconds_per_sample": seconds, "seconds_per_sample_std": seconds_std, "seeds": len(cell)})
     return out
 
