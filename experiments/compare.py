@@ -148,7 +148,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     best = summary(rows)
     print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
     print(format_table(best, ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std",
-                              "nfe_per_sample", "classifier_grads_per_sample", "seconds_per_sample", "seeds"]))
+                              "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample",
+                              "unet_equivalents_per_sample", "seconds_per_sample", "seeds"]))
+    if best and best[0]["matched_accuracy"] == best[0]["matched_accuracy"]:  # not NaN
+        print(f"\n== At matched strength: the first scale reaching accuracy {best[0]['matched_accuracy']:.3g} "
+              "(interpolated) ==")
+        print(format_table(best, ["method", "matched_scale", "matched_gamma", "matched_fid", "matched_recall"]))
     print("\n== Trend checks (Ho & Salimans 2022; Dhariwal & Nichol 2021) ==")
     for line in check_trends(rows):
         print(line)

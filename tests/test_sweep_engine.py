@@ -100,6 +100,8 @@ def test_rows_record_network_identity_and_pure_cost(tmp_path, evaluation):
         assert (r["nfe_per_sample"], r["classifier_grads_per_sample"]) == cost
         assert r["gamma"] == rule.gamma(r["scale"])
         assert (tmp_path / r["grid"]).stat().st_size > 0
+        assert r["fid_lo"] < r["fid_hi"] and r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
+        assert r["score_lo"] < r["score_hi"] and r["thresholded_fraction"] == 0.0
 
 
 def test_another_checkpoint_is_sampled_not_served_the_first_ones_rows(tmp_path, evaluation):

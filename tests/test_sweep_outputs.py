@@ -174,3 +174,21 @@ def test_front_labels_never_overlap():
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert 0 < placed == len(boxes) <= len(points)
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_matched_strength_interpolates_where_each_method_reaches_the_common_accuracy():
+    from lightning_modules.sweep.tables import summary
+
+    rows = []
+    grid = {"cfg": [(0, 0, 0.1, 1.0, 0.9), (1, 1, 0.8, 0.2, 0.8), (2, 2, 0.96, 0.1, 0.7), (3, 3, 0.99, 0.3, 0.5)],
+            "cg_cond": [(0, 1, 0.8, 0.2, 0.8), (1, 2, 0.9, 0.15, 0.75), (2, 3, 0.94, 0.2, 0.6)]}
+    for method, points in grid.items():
+        for scale, gamma, acc, fid, recall in points:
+            rows.append(dict(method=method, scale=scale, gamma=gamma, accuracy=acc, fid=fid, recall=recall, seed=0,
+                             nfe_per_sample=1.0, classifier_grads_per_sample=0.0, seconds_per_sample=0.1))
+    best = {b["method"]: b for b in summary(rows)}
+    assert best["cfg"]["matched_accuracy"] == 0.94  # cg_cond never reaches 0.95: the level drops to its best
+    assert best["cfg"]["matched_scale"] == pytest.approx(1.875)  # 0.8 → 0.96 between s = 1 and 2
+    assert best["cfg"]["matched_fid"] == pytest.approx(0.1125)
+    assert best["cfg"]["matched_recall"] == pytest.approx(0.7125)
+    assert (best["cg_cond"]["matched_scale"], best["cg_cond"]["matched_fid"]) == (2, 0.2)

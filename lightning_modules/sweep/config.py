@@ -46,6 +46,7 @@ class SweepConfig:
         cache_dir: where the evaluator and reference features are cached.
         output_dir: where sweep.csv / sweep.json / plots / grids go (default: <run dir>/sweep).
         grid_size: images per cell kept for the sample grids (the first of each cell).
+        bootstrap: resamples for the 95% bootstrap intervals of FID, score and accuracy per cell (0 = none).
         precision: autocast for sampling: auto (the trainer's), 32 or bf16. Features are always float32.
         every_n_epochs: during fit, sweep every N epochs (0 = never).
         on_fit_end: during fit, sweep once when training ends.
@@ -67,6 +68,7 @@ class SweepConfig:
     cache_dir: str = ".cache/guidelab"
     output_dir: str | None = None
     grid_size: int = 40
+    bootstrap: int = 50
     precision: Literal["auto", "32", "bf16"] = "auto"
     every_n_epochs: int = 0
     on_fit_end: bool = True
@@ -117,7 +119,8 @@ class SweepConfig:
             raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed",
                               "give distinct seeds, e.g. [0, 1]")
         for name, value, least in (("num_samples", self.num_samples, 4), ("batch_size", self.batch_size, 1),
-                                   ("grid_size", self.grid_size, 1), ("every_n_epochs", self.every_n_epochs, 0)):
+                                   ("grid_size", self.grid_size, 1), ("every_n_epochs", self.every_n_epochs, 0),
+                                   ("bootstrap", self.bootstrap, 0)):
             if not isinstance(value, int) or value < least:
                 raise OptionError(f"{P}{name}", f"{value!r} is below {least}",
                                   "precision/recall (k = 3 neighbours) need at least 4 samples per cell"

@@ -81,7 +81,7 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
             "classifier": models.classifier.sha if models.classifier else None,
             "guide": models.guide.sha if models.guide else None, "extractor": evaluation.extractor_id,
-            "reference": evaluation.reference_id, "num_samples": config.num_samples,
+            "reference": evaluation.reference_id, "num_samples": config.num_samples, "bootstrap": config.bootstrap,
             "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -164,7 +164,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                      "guide_evals_per_sample": guides,
                      "unet_equivalents_per_sample": models.unet_equivalents(nfe, passes, guides),
                      "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
-                     **evaluation.score(feats[part], logits[part], labels), **models.identity(),
+                     **evaluation.score(feats[part], logits[part], labels, config.bootstrap), **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})
     _sync(device)
     metrics_seconds = feature_seconds + time.perf_counter() - t0

@@ -132,6 +132,16 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
                      pm(b["seconds_per_sample"], b["seconds_per_sample_std"]), str(b["seeds"])])
     out += markdown_table(["method", "scale s", "γ", "FID ↓", "accuracy ↑", "precision ↑", "recall ↑",
                            "passes / sample: model + classifier (≈ model evals)", "seconds / sample", "seeds"], body)
+    level = best[0].get("matched_accuracy", math.nan) if best else math.nan
+    if not math.isnan(level):
+        out += ["", f"## At matched strength: target-class accuracy {level:.3g}", "",
+                "Methods compared at equal effect, not equal nominal scale: along each method's grid (increasing γ), "
+                "the first point where mean accuracy reaches the level every method reaches (0.95, or the lowest "
+                "best accuracy), linearly interpolated between grid points.", ""]
+        out += markdown_table(["method", "scale s", "γ", "FID ↓", "recall ↑"],
+                              [[f"{label_of(b['method'])} (`{b['method']}`)", f"{b['matched_scale']:.3g}",
+                                f"{b['matched_gamma']:.3g}", f"{b['matched_fid']:.3g}", f"{b['matched_recall']:.3g}"]
+                               for b in best])
     top = min(best, key=lambda b: (math.isnan(b["fid"]), b["fid"]))
     out += ["", f"**At a glance**: the lowest FID is {label_of(top['method'])} at s = {top['best_scale']:g} "
             f"(FID {pm(top['fid'], top['fid_std'])}, accuracy {pm(top['accuracy'], top['accuracy_std'])}) for "

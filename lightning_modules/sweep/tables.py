@@ -64,7 +64,49 @@ def summary(rows: list[dict]) -> list[dict]:
                     "guide_evals_per_sample": _get(cell[0], "guide_evals_per_sample", 0.0),
                     "unet_equivalents_per_sample": _get(cell[0], "unet_equivalents_per_sample", math.nan),
                     "seconds_per_sample": seconds, "seconds_per_sample_std": seconds_std, "seeds": len(cell)})
+    level = matched_level(rows)
+    for entry in out:
+        entry.update({"matched_accuracy": level, **matched_strength(rows, level).get(entry["method"], {})})
     return out
+
+
+def matched_level(rows: list[dict], metric: str = "accuracy", target: float = 0.95) -> float:
+    """The level every method can be compared at: `target`, lowered to the least of the methods' best mean
+    `metric` when some method never reaches it (NaN when the rows have no such metric)."""
+    best = [max(p[2] for p in points) for points in aggregate(rows, metric).values()]
+    best = [b for b in best if not math.isnan(b)]
+    return min([target, *best]) if best else math.nan
+
+
+def matched_strength(rows: list[dict], level: float, metric: str = "accuracy") -> dict[str, dict]:
+    """Per method, the first point along increasing γ where mean `metric` reaches `level`, linearly
+    interpolated between grid points, with FID and recall there: methods compared at equal effect rather
+    than at equal nominal scale (more CFG alone matches many methods at equal scale)."""
+    out = {}
+    curves = {m: sorted(zip(*(aggregate(rows, k)[m] for k in (metric, "fid", "recall"))), key=lambda p: p[0][1])
+              for m in aggregate(rows, metric)}
+    for method, points in curves.items():
+        prev = None
+        for eff, fid, recall in points:
+            if not math.isnan(eff[2]) and eff[2] >= level:
+                if prev is None or prev[0][2] >= level:
+                    f = 0.0
+                    prev = (eff, fid, recall)
+                else:
+                    f = (level - prev[0][2]) / (eff[2] - prev[0][2])
+                out[method] = {"matched_scale": _lerp(prev[0][0], eff[0], f),
+                               "matched_gamma": _lerp(prev[0][1], eff[1], f),
+                               "matched_fid": _lerp(prev[1][2], fid[2], f),
+                               "matched_recall": _lerp(prev[2][2], recall[2], f)}
+                break
+            prev = (eff, fid, recall)
+        else:
+            out[method] = {k: math.nan for k in ("matched_scale", "matched_gamma", "matched_fid", "matched_recall")}
+    return out
+
+
+def _lerp(a: float, b: float, f: float) -> float:
+    return a + f * (b - a)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
