@@ -35,7 +35,7 @@ from lightning_modules.sweep import (
     resolve_extractor,
     run_sweep,
 )
-from lightning_modules.sweep.models import resolve_guide
+from lightning_modules.sweep.models import check_clean, resolve_guide
 from lightning_modules.sweep.report import write_outputs
 
 from .run_dir import run_dir
@@ -66,6 +66,7 @@ class GuidanceSweep(Callback):
         self.config = config or SweepConfig()
         self.classifier: Network | None = None
         self.guide: Network | None = None
+        self.clean_classifier: Network | None = None
         self.evaluation: Evaluation | None = None
         self.last_rows: list[dict] = []
         self.last_output_dir: Path | None = None
@@ -83,6 +84,9 @@ class GuidanceSweep(Callback):
         if config.classifier_ckpt and self.classifier is None:
             self.classifier = load_classifier(config.classifier_ckpt)
             check_compatible(dict(pl_module.hparams), self.classifier.hparams, config.classifier_ckpt)
+        if config.needs_clean_classifier and self.clean_classifier is None:
+            self.clean_classifier = load_classifier(config.clean_classifier_ckpt, option="sweep.clean_classifier_ckpt")
+            check_clean(dict(pl_module.hparams), self.clean_classifier.hparams, config.clean_classifier_ckpt)
         if config.needs_guide and self.guide is None:
             path = self._guide_path(trainer)
             if path.exists() or not config.guide_ckpt.startswith("snapshot:"):  # fit-time snapshots come later
@@ -151,10 +155,11 @@ class GuidanceSweep(Callback):
                 self.classifier.net.to(device)
             if self.config.needs_guide and self.guide is None:  # a snapshot the fit made after setup
                 self.guide = load_diffusion(self._guide_path(trainer), option="sweep.guide_ckpt")
-            if self.guide is not None:
-                self.guide.net.to(device)
+            for network in (self.guide, self.clean_classifier):
+                if network is not None:
+                    network.net.to(device)
             models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier,
-                                 self.guide)
+                                 self.guide, self.clean_classifier)
             out_dir = Path(trainer.strategy.broadcast(str(self._output_dir(trainer))))  # rank 0's run dir
             store = SweepStore(out_dir) if trainer.is_global_zero else None
             wandb_run = _wandb_run(trainer)

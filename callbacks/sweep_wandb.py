@@ -76,12 +76,12 @@ def log_sweep(run: Any, rows: list[dict], plot_paths: list[Path], grid_dir: Path
 
     seeds = Counter((r["method"], r["scale"]) for r in rows)
     payload: dict[str, Any] = {"sweep/table": wandb.Table(columns=COLUMNS,
-                                                          data=[[r.get(c) for c in COLUMNS] for r in rows])}
+                                                          data=[[_json(r.get(c)) for c in COLUMNS] for r in rows])}
     curve_rows = []
     for metric in METRICS:
         curves = aggregate(rows, metric)
         for method, points in curves.items():
-            curve_rows += [[method, metric, s, g, mean, std, mean - std, mean + std, seeds[(method, s)]]
+            curve_rows += [[method, metric, s, g, *map(_json, (mean, std, mean - std, mean + std)), seeds[(method, s)]]
                            for s, g, mean, std in points]
         for axis, index in (("scale", 0), ("gamma", 1)):
             payload[f"sweep/{metric}_vs_{axis}"] = _band_chart(curves, index, metric, axis)
@@ -131,6 +131,11 @@ def _band_chart(curves: dict[str, list[tuple[float, float, float, float]]], inde
                 keys.append(f"{method} {label}")
     return wandb.plot.line_series(xs=xs, ys=ys, keys=keys, title=f"{metric} vs {axis} (mean ± std over seeds)",
                                   xname=axis)
+
+
+def _json(value: Any) -> Any:
+    """NaN (e.g. the std of one seed: no spread known) as null: table JSON has no NaN."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _caption(row: dict) -> str:

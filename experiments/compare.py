@@ -1,12 +1,14 @@
-"""The one-command study: CFG vs classifier guidance vs autoguidance on the embedded digits, end to end, on a CPU.
+"""The one-command study: CFG vs classifier guidance (noisy and clean classifier) vs autoguidance on the embedded
+digits, end to end, on a CPU.
 
     python -m experiments.compare                 # ≈10 minutes on 2 CPU cores
     python -m experiments.compare --seeds 0 1 2   # error bars over sampling seeds
     python -m experiments.compare --sweep_recipe configs/experiments/digits_sweep_frontier.yaml   # every method
 
-Stages: noisy classifier → CFG diffusion model → guidance sweep (evaluator trained/cached on the
-way). Each stage lives in a directory keyed by a hash of its settings: a finished stage is
-reused, an interrupted fit resumes from its last.ckpt, a half-written sweep skips finished cells.
+Stages: noisy classifier → clean classifier → CFG diffusion model (keeping its own guide snapshots) →
+guidance sweep (evaluator trained/cached on the way). Each stage lives in a directory keyed by a hash of its
+settings: a finished stage is reused, an interrupted fit resumes from its last.ckpt, a half-written sweep
+skips finished cells.
 On W&B the stages' runs are named after their directories (`classifier-<hash>`, ...), have the job
 types classifier / diffusion / sweep and share one group per study (`--out`): `<out name>-<hash of its path>`.
 """
@@ -129,10 +131,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         diff_args += ["--trainer.max_steps", str(args.diffusion_steps)]
     group = study_group(root)
     classifier = fit_stage(root, "classifier", cls_args, group)
+    clean = fit_stage(root, "clean_classifier", ["--config", str(CONFIGS / "digits_clean_classifier.yaml")], group)
     diffusion = fit_stage(root, "diffusion", diff_args, group)
 
-    base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt",
-            str(classifier), "--sweep.num_samples", str(args.num_samples),
+    base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt", str(classifier),
+            "--sweep.clean_classifier_ckpt", str(clean), "--sweep.num_samples", str(args.num_samples),
             "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds)]
     sweep_args = [*base, *args.extra]
     sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if hasattr(extractor, "heldout_accuracy"):
         print(f"evaluator held-out accuracy: {extractor.heldout_accuracy:.3f}")
     print(f"classifier checkpoint: {classifier}")
+    print(f"clean classifier:      {clean}")
     print(f"diffusion checkpoint:  {diffusion}")
     print(f"plots:                 {sweep_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, front_*.png)")
     print(f"W&B run (offline):     {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     classifier = load_classifier(config.classifier_ckpt, device) if config.classifier_ckpt else None
     guide = (load_diffusion(resolve_guide(config.guide_ckpt, args.diffusion), device, option="sweep.guide_ckpt")
              if config.needs_guide else None)
-    models = SweepModels(diffusion, classifier, guide)
+    clean = (load_classifier(config.clean_classifier_ckpt, device, option="sweep.clean_classifier_ckpt")
+             if config.needs_clean_classifier else None)
+    models = SweepModels(diffusion, classifier, guide, clean)
     store = SweepStore(out_dir)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
                                   config.reference_split, device)

@@ -45,6 +45,8 @@ class NoisyClassifier(L.LightningModule):
         warmup_steps: linear learning-rate warm-up.
         compile: torch.compile the training network: false, true or a mode.
         channels_last: train in channels_last memory format.
+        train_on: noisy (x_t at t ~ U{0..T-1}: classifier guidance, cg_*) or clean (the data itself at t = 0:
+            the classifier of cg_clean, applied to the predicted x̂0; never the evaluator).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class NoisyClassifier(L.LightningModule):
         warmup_steps: int = 100,
         compile: bool | str = False,
         channels_last: bool = False,
+        train_on: Literal["noisy", "clean"] = "noisy",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,7 +90,12 @@ class NoisyClassifier(L.LightningModule):
         T = self.schedule.timesteps
         t = torch.randint(0, T, (len(x0),), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        logits = self._train_net(self.schedule.q_sample(x0, t, noise), t).float()
+        if self.hparams.get("train_on", "noisy") == "clean":  # the data itself, time input 0 (cg_clean)
+            t = torch.zeros_like(t)
+            x_in = x0
+        else:
+            x_in = self.schedule.q_sample(x0, t, noise)
+        logits = self._train_net(x_in, t).float()
         per_sample = F.cross_entropy(logits, y, reduction="none")
         correct = (logits.argmax(-1) == y).float()
         loss = per_sample.mean()

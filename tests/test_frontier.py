@@ -33,10 +33,11 @@ class AsV(torch.nn.Module):
         return (self.eps_net(x, t, y) - (1 - ab).sqrt() * x) / ab.sqrt()
 
 
-def draw(rule, scales, sampler="ddim", steps=8, net=None, prediction="eps", **kw):
+def draw(rule, scales, sampler="ddim", steps=8, net=None, prediction="eps", log_prob_x0=None, **kw):
     schedule = NoiseSchedule("cosine", 1000)
     labels = torch.arange(6) % NUM_CLASSES
-    den = GuidedDenoiser(net or TinyNet(), schedule, labels, NUM_CLASSES, rule, scales, prediction=prediction)
+    den = GuidedDenoiser(net or TinyNet(), schedule, labels, NUM_CLASSES, rule, scales, prediction=prediction,
+                         log_prob_x0=log_prob_x0)
     return sample(den, SHAPE, sample_keys(3, torch.arange(6)), steps, sampler, **kw)
 
 
@@ -194,3 +195,61 @@ def _perturbed(net):
         for p in net.parameters():
             p.add_(0.1)
     return net
+
+
+class CleanClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.lin = torch.nn.Linear(16, NUM_CLASSES)
+        self.seen_t = []
+
+    def forward(self, x, t):
+        self.seen_t.append(t.clone())
+        return self.lin(x.flatten(1).tanh())
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_cg_clean_gradient_matches_finite_differences(exact):
+    from lightning_modules.diffusion import clean_log_prob
+
+    schedule = NoiseSchedule("cosine", 1000)
+    net, clf = TinyNet().double(), CleanClassifier().double()
+    labels = torch.tensor([0, 2])
+    log_prob = clean_log_prob(clf, temperature=2.0)
+    rule = make_rule("cg_clean", GuidanceOptions(cg_clean_exact=exact))
+    den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, rule, 1.0, log_prob_x0=log_prob)
+    x = torch.randn(2, *SHAPE, dtype=torch.float64)
+    t, ab = 400, schedule.alphas_cumprod[400]
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    tt = torch.full((2,), t)
+    g = den.at(x, t).score  # scale 1, weight 1: the score term is the gradient itself
+
+    def x0_of(z):
+        return (z - s * net(z, tt, labels)) / a
+
+    def objective(z):  # exact: through the network; cheap: ∇ at x̂0, divided by √ᾱ_t
+        return log_prob(x0_of(z), labels).sum()
+
+    x0 = x0_of(x)
+    for idx in [(0, 0, 1, 2), (1, 0, 3, 0)]:
+        bump = torch.zeros_like(x)
+        bump[idx] = 1e-6
+        if exact:
+            fd = (objective(x + bump) - objective(x - bump)) / 2e-6
+        else:
+            fd = (log_prob(x0 + bump, labels).sum() - log_prob(x0 - bump, labels).sum()) / 2e-6 / a
+        assert abs(fd.item() - g[idx].item()) < 1e-6
+    assert all(torch.all(seen == 0) for seen in clf.seen_t)  # the clean classifier always sees t = 0
+
+
+def test_cg_clean_at_zero_is_the_conditional_model_and_needs_its_classifier():
+    from lightning_modules.diffusion import clean_log_prob
+
+    log_prob = clean_log_prob(CleanClassifier())
+    torch.testing.assert_close(draw("cg_clean", 0.0, log_prob_x0=None), draw("cfg", 1.0))
+    guided = GuidedDenoiser(TinyNet(), NoiseSchedule(), torch.arange(6) % NUM_CLASSES, NUM_CLASSES, "cg_clean",
+                            3.0, log_prob_x0=log_prob)
+    assert guided.mode(500).gradient and guided.mode(500).branches == ("cond",)
+    with pytest.raises(ValueError, match="clean"):
+        GuidedDenoiser(TinyNet(), NoiseSchedule(), torch.arange(6) % NUM_CLASSES, NUM_CLASSES, "cg_clean", 3.0)

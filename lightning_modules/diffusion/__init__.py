@@ -7,6 +7,7 @@ from .guidance import (
     Predictions,
     StepMode,
     classifier_grad,
+    clean_log_prob,
     condition_mean,
     condition_score,
 )
@@ -19,6 +20,6 @@ from .schedule import NoiseSchedule, make_betas, respaced_timesteps
 __all__ = [
     "COMPILE_MODES", "METHODS", "RULES", "SAMPLERS", "Guided", "GuidanceOptions", "GuidanceRule", "GuidedDenoiser",
     "NoiseSchedule", "OptionError", "Predictions", "SamplerOptions", "StepMode", "cell_cost", "classifier_grad",
-    "condition_mean", "condition_score", "keyed_normal", "make_betas", "make_rule", "respaced_timesteps", "sample",
-    "sample_keys",
+    "clean_log_prob", "condition_mean", "condition_score", "keyed_normal", "make_betas", "make_rule",
+    "respaced_timesteps", "sample", "sample_keys",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .guidance import GradFn, GuidanceRule, Guided, Predictions, StepMode, guidance_weight
+from .guidance import GradFn, GuidanceRule, Guided, LogProbFn, Predictions, StepMode, guidance_weight, input_grad
 from .options import GuidanceOptions
 from .rules import make_rule
 from .schedule import NoiseSchedule
@@ -32,18 +32,22 @@ class GuidedDenoiser:
                  rule: GuidanceRule | str = "none", scales: float | Sequence[float] | Tensor = 1.0, *,
                  grad_fn: GradFn | None = None, prediction: str = "eps",
                  options: GuidanceOptions | None = None, guide: Network | None = None,
-                 guide_prediction: str = "eps") -> None:
+                 guide_prediction: str = "eps", log_prob_x0: LogProbFn | None = None) -> None:
         self.rule = make_rule(rule, options) if isinstance(rule, str) else rule
         self.rule.options.check(schedule.timesteps)
         self.scales_host = _per_sample(scales, len(labels))
         self._distinct = sorted(set(self.scales_host))  # decided on the host: no per-step device sync
-        if grad_fn is None and any(self.rule.needs_gradient(s) for s in self._distinct):
+        takes_gradient = any(self.rule.needs_gradient(s) for s in self._distinct)
+        if self.rule.gradient_at == "x0" and takes_gradient and log_prob_x0 is None:
+            raise ValueError(f"method {self.rule.name!r} needs a classifier trained on clean images "
+                             "(clean_classifier_ckpt)")
+        if self.rule.gradient_at == "x_t" and grad_fn is None and takes_gradient:
             raise ValueError(f"method {self.rule.name!r} at scales {self._distinct} takes classifier gradients: "
                              "give a gradient function (a noisy classifier checkpoint, classifier_ckpt)")
         if guide is None and self.rule.uses_guide:
             raise ValueError(f"method {self.rule.name!r} needs a guide network (a weaker diffusion model: guide_ckpt)")
         self.net, self.schedule, self.prediction, self.grad_fn = net, schedule, prediction, grad_fn
-        self.guide, self.guide_prediction = guide, guide_prediction
+        self.guide, self.guide_prediction, self.log_prob_x0 = guide, guide_prediction, log_prob_x0
         self.labels = labels
         self.null = torch.full_like(labels, null_label)
         self.scale = torch.tensor(self.scales_host, device=labels.device)
@@ -80,9 +84,17 @@ class GuidedDenoiser:
             p.cond = self._eps(x, t, self.labels)
             p.guide = self._eps(x, t, self.labels, guide=True)  # the same label through the weaker network
         if mode.gradient:
-            assert self.grad_fn is not None
-            p.grad = self.grad_fn(x, t, self.labels)  # the ORIGINAL training indices, also when respaced
+            p.grad = self._x0_grad(p) if self.rule.gradient_at == "x0" else self.grad_fn(x, t, self.labels)
         return self.rule.combine(p, self.scale, w)
+
+    def _x0_grad(self, p: Predictions) -> Tensor:
+        """∇_{x_t} log p(y | x̂0(x_t)) of a clean classifier (Ma et al. 2023; Bansal et al. 2023): the cheap
+        Jacobian ∇_{x̂0} / √ᾱ_t, or the exact one through the network."""
+        y, log_prob = self.labels, self.log_prob_x0
+        assert log_prob is not None and p.cond is not None
+        if self.rule.options.cg_clean_exact:
+            return input_grad(lambda z: log_prob((z - p.sigma_t * self._eps(z, p.t, y)) / p.a_t, y), p.x)
+        return input_grad(lambda x0: log_prob(x0, y), p.x0(p.cond)) / p.a_t
 
     def at(self, x: Tensor, t: int) -> Guided:
         """The guided prediction at one training index (for direct use and tests; samplers call __call__)."""

@@ -97,23 +97,38 @@ def condition_mean(mean: Tensor, score: Tensor | None, variance: Tensor) -> Tens
     return mean if score is None else mean + variance * score
 
 
-def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-    """∇_x log softmax(f(x, t))[y], per sample. Safe inside no-grad / inference-mode sampling loops.
+LogProbFn = Callable[[Tensor, Tensor], Tensor]  # (x̂0, y) -> log p(y | x̂0) per sample
 
-    Summing log-probs over the batch is exact because the classifier has no cross-sample layers. Under
-    torch.compile the gradient is taken with `torch.func.grad`, which Dynamo traces into the step's graph
-    (`torch.autograd.grad` makes it skip the frame); eagerly plain autograd is ~1.5x faster.
-    """
 
-    def log_prob(x_in: Tensor) -> Tensor:
-        log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
-        return log_probs.gather(1, y.view(-1, 1)).sum()
-
+def input_grad(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """∇_x Σ fn(x), safe inside no-grad / inference-mode sampling loops. Summing per-sample terms is exact when
+    samples do not interact. Under torch.compile the gradient is taken with `torch.func.grad`, which Dynamo
+    traces into the step's graph (`torch.autograd.grad` makes it skip the frame); eagerly plain autograd is
+    ~1.5x faster."""
     if torch.compiler.is_compiling():
-        return torch.func.grad(log_prob)(x.detach())
+        return torch.func.grad(lambda z: fn(z).sum())(x.detach())
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        return torch.autograd.grad(log_prob(x_in), x_in)[0]
+        return torch.autograd.grad(fn(x_in).sum(), x_in)[0]
+
+
+def _log_prob(logits: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
+    logits = logits.float() if logits.dtype != torch.float64 else logits  # bf16 logits up to float32
+    return F.log_softmax(logits / temperature, dim=-1).gather(1, y.view(-1, 1)).squeeze(1)
+
+
+def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    """∇_x log softmax(f(x, t))[y], per sample, of a noisy classifier at the original training indices t."""
+    return input_grad(lambda z: _log_prob(classifier(z, t), y), x)
+
+
+def clean_log_prob(classifier: nn.Module, temperature: float = 1.0) -> LogProbFn:
+    """log softmax(f(x̂0, 0)/τ)[y] of a classifier trained on clean images (its time input is 0)."""
+
+    def log_prob(x0: Tensor, y: Tensor) -> Tensor:
+        return _log_prob(classifier(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)), y, temperature)
+
+    return log_prob
 
 
 def guidance_weight(t: int, schedule: NoiseSchedule, options: GuidanceOptions) -> float:
@@ -140,6 +155,7 @@ class GuidanceRule:
     name: ClassVar[str]
     uses_gradient: ClassVar[bool] = False  # may need a classifier gradient at some scale
     uses_guide: ClassVar[bool] = False  # needs a guide network (autoguidance)
+    gradient_at: ClassVar[str] = "x_t"  # the classifier sees x_t (noisy classifier) or x̂0 (clean classifier)
     scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
     samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it is defined on (None = all)
 

@@ -39,6 +39,9 @@ class GuidanceOptions:
             threshold is CFG).
         apg_momentum: APG's β in Δ ← Δ + β·Δ_prev (the paper recommends β < 0).
         apg_threshold: APG's norm threshold r on Δ (per sample, over all pixels); null = none.
+        cg_clean_temperature: τ of the clean classifier's softmax in cg_clean (calibration; 1 = as trained).
+        cg_clean_exact: cg_clean's gradient through the UNet (exact Jacobian of x̂0(x_t), one more network
+            forward and backward per step) instead of the cheap ∇_{x̂0} / √ᾱ_t.
     """
 
     interval: tuple[int, int] | None = None
@@ -49,6 +52,8 @@ class GuidanceOptions:
     apg_eta: float = 0.0
     apg_momentum: float = -0.5
     apg_threshold: float | None = None
+    cg_clean_temperature: float = 1.0
+    cg_clean_exact: bool = False
 
     def __post_init__(self) -> None:
         # Checked by whoever consumes the options (with the model's timesteps and the option's full name).
@@ -79,6 +84,9 @@ class GuidanceOptions:
         if self.apg_threshold is not None and not (math.isfinite(self.apg_threshold) and self.apg_threshold > 0):
             raise OptionError(f"{prefix}apg_threshold", f"r = {self.apg_threshold} is not a positive number",
                               "use null (no threshold) or a positive norm")
+        if not (math.isfinite(self.cg_clean_temperature) and self.cg_clean_temperature > 0):
+            raise OptionError(f"{prefix}cg_clean_temperature", f"τ = {self.cg_clean_temperature} is not positive",
+                              "use a positive temperature (1 = the classifier as trained)")
         if self.scale_schedule not in SCALE_SCHEDULES:
             raise OptionError(f"{prefix}scale_schedule", f"unknown schedule {self.scale_schedule!r}",
                               f"choose one of {list(SCALE_SCHEDULES)}")

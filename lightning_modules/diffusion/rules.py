@@ -92,6 +92,15 @@ class ClassifierOnConditional(LinearGuidance):
         return _like(scale, 1.0), scale
 
 
+class CleanClassifierGuidance(ClassifierOnConditional):
+    """CG with a classifier trained on clean images, applied to the predicted x̂0 (Ma et al. 2023; Bansal et al.
+    2023's forward guidance): ε_c guided by s·∇_{x_t} log p(y | x̂0(x_t)); γ = 1 + s. The gradient's Jacobian is
+    cheap (∇_{x̂0}/√ᾱ_t) unless `cg_clean_exact`; `cg_clean_temperature` calibrates the softmax."""
+
+    name = "cg_clean"
+    gradient_at = "x0"
+
+
 class ClassifierOnUnconditional(LinearGuidance):
     """CG on the null-label branch of the same network; γ = s."""
 
@@ -191,7 +200,8 @@ class Autoguidance(GuidanceRule):
 
 RULES: dict[str, type[GuidanceRule]] = {
     r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
-                        ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus, Autoguidance)}
+                        ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus, Autoguidance,
+                        CleanClassifierGuidance)}
 METHODS = tuple(RULES)
 
 

@@ -16,7 +16,7 @@ from lightning_modules.diffusion import METHODS, GuidanceOptions, OptionError, S
 DEFAULT_SCALES = {"cfg": [0.0, 1.0, 1.5, 2.0, 3.0, 5.0], "cg_cond": [0.0, 0.5, 1.0, 2.0, 4.0],
                   "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0],
                   "apg": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "cfgpp": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-                  "autoguidance": [1.0, 1.5, 2.0, 2.5, 3.0]}
+                  "autoguidance": [1.0, 1.5, 2.0, 2.5, 3.0], "cg_clean": [0.0, 0.5, 1.0, 2.0, 4.0]}
 EXTRACTORS = ("auto", "evaluator", "inception")
 PRECISIONS = ("auto", "32", "bf16")
 P = "sweep."  # how options are named in messages: the LightningCLI group and the YAML key
@@ -27,7 +27,8 @@ class SweepConfig:
     """A guidance sweep: methods × scales × seeds, each cell `num_samples` images on paired noise.
 
     Args:
-        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, apg, cfgpp, autoguidance, none.
+        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, apg, cfgpp, autoguidance, cg_clean,
+            none.
             Empty = no sweep.
         scales: native scales per method, e.g. {"cfg": [0, 1, 2], "cg_cond": [0, 1]}; a method not named
             keeps its default grid. Keys must be listed in `methods`.
@@ -39,6 +40,8 @@ class SweepConfig:
         classifier_ckpt: noisy-classifier checkpoint for classifier-guided methods.
         guide_ckpt: the weaker diffusion model for autoguidance: a checkpoint path, or snapshot:1/16 (also 1/8,
             1/4) for the guide snapshots the diffusion fit keeps next to its checkpoint.
+        clean_classifier_ckpt: a classifier trained on clean images (NoisyClassifier with train_on=clean) for
+            cg_clean; never the evaluator that scores the samples.
         extractor: feature network for FID & co: auto (evaluator for digits/MNIST/Fashion-MNIST, Inception
             otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file).
         inception_weights: local weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).
@@ -62,6 +65,7 @@ class SweepConfig:
     guidance: GuidanceOptions = field(default_factory=GuidanceOptions)
     classifier_ckpt: str | None = None
     guide_ckpt: str | None = None
+    clean_classifier_ckpt: str | None = None
     extractor: Literal["auto", "evaluator", "inception"] = "auto"
     inception_weights: str | None = None
     reference_split: Literal["train", "val"] = "train"
@@ -140,6 +144,9 @@ class SweepConfig:
             raise OptionError(f"{P}guide_ckpt", "autoguidance needs a guide network",
                               "pass --sweep.guide_ckpt=snapshot:1/16 (a snapshot the diffusion fit kept) or a path "
                               "to a weaker diffusion model's checkpoint")
+        if self.needs_clean_classifier and not self.clean_classifier_ckpt:
+            raise OptionError(f"{P}clean_classifier_ckpt", "cg_clean needs a classifier trained on clean images",
+                              "train one (configs/experiments/digits_clean_classifier.yaml) and pass its checkpoint")
         if self.needs_classifier and not self.classifier_ckpt:
             raise OptionError(f"{P}classifier_ckpt", f"methods {self.methods} take classifier gradients",
                               "pass a noisy-classifier checkpoint: --sweep.classifier_ckpt=PATH/last.ckpt")
@@ -150,4 +157,9 @@ class SweepConfig:
 
     @property
     def needs_classifier(self) -> bool:
-        return any(make_rule(m, self.guidance).needs_gradient(s) for m, grid in self.grids.items() for s in grid)
+        return any(make_rule(m, self.guidance).gradient_at == "x_t" and make_rule(m, self.guidance).needs_gradient(s)
+                   for m, grid in self.grids.items() for s in grid)
+
+    @property
+    def needs_clean_classifier(self) -> bool:
+        return any(make_rule(m, self.guidance).gradient_at == "x0" for m in self.methods)

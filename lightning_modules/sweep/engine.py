@@ -80,7 +80,9 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
     spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
             "classifier": models.classifier.sha if models.classifier else None,
-            "guide": models.guide.sha if models.guide else None, "extractor": evaluation.extractor_id,
+            "guide": models.guide.sha if models.guide else None,
+            "clean": models.clean_classifier.sha if models.clean_classifier else None,
+            "extractor": evaluation.extractor_id,
             "reference": evaluation.reference_id, "num_samples": config.num_samples, "bootstrap": config.bootstrap,
             "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -111,7 +113,8 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
                              models.num_classes, rule, [job.scales[j] for j in scale_idx.tolist()],
                              grad_fn=models.grad_fn, prediction=models.prediction,
                              guide=guide.net if guide else None,
-                             guide_prediction=guide.hparams["prediction"] if guide else "eps")
+                             guide_prediction=guide.hparams["prediction"] if guide else "eps",
+                             log_prob_x0=models.clean_log_prob(config.guidance.cg_clean_temperature))
         keys = sample_keys(job.seed, sample_idx).to(device)
         stats: dict = {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -162,7 +165,8 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
                      "guide_evals_per_sample": guides,
-                     "unet_equivalents_per_sample": models.unet_equivalents(nfe, passes, guides),
+                     "unet_equivalents_per_sample": models.unet_equivalents(
+                         nfe, passes, guides, rule.gradient_at == "x0", config.guidance.cg_clean_exact),
                      "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
                      **evaluation.score(feats[part], logits[part], labels, config.bootstrap), **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.diffusion import NoiseSchedule, OptionError, classifier_grad
-from lightning_modules.diffusion.guidance import GradFn
+from lightning_modules.diffusion import NoiseSchedule, OptionError, classifier_grad, clean_log_prob
+from lightning_modules.diffusion.guidance import GradFn, LogProbFn
 from lightning_modules.networks import EncoderClassifier, UNet
 
 COMPAT_KEYS = ("num_classes", "image_size", "channels", "schedule", "timesteps")
@@ -53,6 +53,7 @@ class SweepModels:
     diffusion: Network
     classifier: Network | None = None
     guide: Network | None = None  # a weaker diffusion model of the same data (autoguidance)
+    clean_classifier: Network | None = None  # trained on clean images, applied to x̂0 (cg_clean)
     schedule: NoiseSchedule = field(init=False)
     grad_fn: GradFn | None = field(init=False, default=None)
 
@@ -65,7 +66,18 @@ class SweepModels:
             self.grad_fn = functools.partial(classifier_grad, self.classifier.net)
         if self.guide is not None:
             check_compatible(hp, self.guide.hparams, what="guide", option="sweep.guide_ckpt")
+        if self.clean_classifier is not None:
+            check_clean(hp, self.clean_classifier.hparams)
         self._flops: dict[str, float] | None = None
+        self._log_probs: dict[float, LogProbFn] = {}
+
+    def clean_log_prob(self, temperature: float) -> LogProbFn | None:
+        """The clean classifier's log p(y | x̂0) at this temperature (one function per sweep: compiled once)."""
+        if self.clean_classifier is None:
+            return None
+        if temperature not in self._log_probs:
+            self._log_probs[temperature] = clean_log_prob(self.clean_classifier.net, temperature)
+        return self._log_probs[temperature]
 
     def flops(self) -> dict[str, float]:
         """FLOPs per sample of one main-network evaluation, one guide evaluation and one classifier forward +
@@ -79,14 +91,19 @@ class SweepModels:
                 counts["guide"] = _count(lambda: self.guide.net(x, t, y)) / 2
             if self.classifier is not None:
                 counts["classifier"] = _count(lambda: _input_gradient(self.classifier.net, x, t)) / 2
+            if self.clean_classifier is not None:
+                counts["clean"] = _count(lambda: _input_gradient(self.clean_classifier.net, x, t * 0)) / 2
             self._flops = counts
         return self._flops
 
-    def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float) -> float:
-        """A cell's cost per sample in main-network evaluations, the other passes converted by their FLOPs."""
+    def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float, clean: bool = False,
+                         exact: bool = False) -> float:
+        """A cell's cost per sample in main-network evaluations, the other passes converted by their FLOPs
+        (`clean`: the passes are the clean classifier's; `exact`: each also runs the network forward and
+        backward, ≈ 3 evaluations)."""
         f = self.flops()
-        return (nfe + classifier_passes * f.get("classifier", 0.0) / f["diffusion"]
-                + guide_evals * f.get("guide", 0.0) / f["diffusion"])
+        per_pass = f.get("clean" if clean else "classifier", 0.0) / f["diffusion"] + (3.0 if exact else 0.0)
+        return nfe + classifier_passes * per_pass + guide_evals * f.get("guide", 0.0) / f["diffusion"]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -113,10 +130,11 @@ class SweepModels:
 
     def identity(self) -> dict:
         """What the rows record about the networks (and what their cells are keyed by)."""
-        c, g = self.classifier, self.guide
+        c, g, k = self.classifier, self.guide, self.clean_classifier
         return {"diffusion_step": self.diffusion.step, "diffusion_sha": self.diffusion.sha,
                 "classifier_step": c.step if c else -1, "classifier_sha": c.sha if c else "",
-                "guide_step": g.step if g else -1, "guide_sha": g.sha if g else ""}
+                "guide_step": g.step if g else -1, "guide_sha": g.sha if g else "",
+                "clean_classifier_step": k.step if k else -1, "clean_classifier_sha": k.sha if k else ""}
 
 
 def _input_gradient(net: nn.Module, x: Tensor, t: Tensor) -> None:
@@ -144,6 +162,18 @@ def check_compatible(diffusion_hparams: dict, other_hparams: dict, path: str = "
         raise OptionError(option, f"the {what} {path} does not match the diffusion model ({'; '.join(bad)})",
                           f"train the {what} on the same data with the same --model.init_args.schedule/timesteps "
                           "(the recipes in configs/experiments/ mirror each other)")
+
+
+def check_clean(diffusion_hparams: dict, hparams: dict, path: str = "") -> None:
+    """A cg_clean classifier must be trained on clean images of the same classes and image shape."""
+    if hparams.get("train_on", "noisy") != "clean":
+        raise OptionError("sweep.clean_classifier_ckpt", f"{path} is a noisy classifier (train_on=noisy)",
+                          "train one with --model.init_args.train_on clean (configs/experiments/"
+                          "digits_clean_classifier.yaml) and pass its checkpoint")
+    bad = [k for k in ("num_classes", "image_size", "channels") if diffusion_hparams.get(k) != hparams.get(k)]
+    if bad:
+        raise OptionError("sweep.clean_classifier_ckpt", f"the clean classifier {path} differs from the diffusion "
+                          f"model in {bad}", "train it on the same data")
 
 
 def read_checkpoint(path: str | Path, option: str) -> dict:
@@ -190,9 +220,9 @@ def resolve_guide(guide: str, diffusion_ckpt: str | Path) -> Path:
     return Path(diffusion_ckpt).parent / f"guide-{fraction}.ckpt"
 
 
-def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Network:
-    """The noisy classifier of a NoisyClassifier checkpoint."""
-    option = "sweep.classifier_ckpt"
+def load_classifier(path: str | Path, device: torch.device | str = "cpu", option: str = "sweep.classifier_ckpt"
+                    ) -> Network:
+    """The classifier of a NoisyClassifier checkpoint (noisy, or trained on clean images for cg_clean)."""
     ckpt = read_checkpoint(path, option)
     hp = dict(ckpt["hyper_parameters"])
     if "pool" not in hp:
