@@ -130,7 +130,7 @@ def test_eval_sweep_parses(sweeps, monkeypatch):
         sub = cfg.validate
         assert tuple(sub.sweep.guidance.interval) == tuple(interval)
         assert sub.sweep.sampling.steps == values["sweep.sampling.steps"] and sub.sweep.sampling.sampler == "ddpm"
-        assert sub.sweep.methods == ["cfg", "cg_cond", "cg_uncond", "autoguidance", "cg_clean"]  # digits_sweep.yaml was read
+        assert sub.sweep.methods == ["cfg", "cg_cond", "cg_uncond", "autoguidance", "cg_clean"]  # the recipe
         assert sub.ckpt_path.endswith("last.ckpt") and sub.sweep.classifier_ckpt.endswith("last.ckpt")
         assert sub.trainer.limit_val_batches == 1
 
