@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n== Trend checks (Ho & Salimans 2022; Dhariwal & Nichol 2021) ==")
     for line in check_trends(rows):
         print(line)
-    wandb_dir = next(iter(sorted(sweep_dir.glob("wandb/offline-run-*"))), sweep_dir / "wandb")
+    wandb_dir = max(sweep_dir.glob("wandb/offline-run-*"), default=sweep_dir / "wandb")  # the newest (timestamped)
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     extractor = sweep.evaluation.extractor if sweep.evaluation is not None else None
     if hasattr(extractor, "heldout_accuracy"):
@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"classifier checkpoint: {classifier}")
     print(f"clean classifier:      {clean}")
     print(f"diffusion checkpoint:  {diffusion}")
-    print(f"plots:                 {sweep_dir}/metrics_vs_scale.png (and metrics_vs_gamma.png, front_*.png)")
+    print(f"report:                {sweep_dir / 'report.md'}  (tables, figures, protocol, cost)")
+    print(f"plots:                 {sweep_dir}/best_fid_vs_cost.png, metrics_vs_gamma.png, metrics_vs_scale.png, "
+          "front_*.png")
+    print(f"sample grids:          {sweep_dir}/grids/<method>_seed<k>.png")
     print(f"W&B run (offline):     {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")
     print(f"sweep table:           {sweep_dir / 'sweep.csv'}")
     return rows

@@ -150,4 +150,4 @@ def test_agent_command_runs_as_a_process(sweeps):
     assert printed["train"]["model"]["init_args"]["p_uncond"] == 0.05
     assert printed["eval"]["sweep"]["guidance"]["interval"] == [0, 999]
     assert printed["eval"]["sweep"]["sampling"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "clip_x0": True,
-                                                     "compile": None}
+                                                     "threshold": None, "compile": None}
