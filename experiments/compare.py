@@ -108,7 +108,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/compare", help="root directory of all stages")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (error bars)")
     p.add_argument("--num_samples", type=int, default=500, help="samples per (method, scale, seed) cell")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
     p.add_argument("--classifier_steps", type=int, default=None, help="override the classifier's max_steps")
     p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),

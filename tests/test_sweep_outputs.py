@@ -186,9 +186,14 @@ def test_matched_strength_interpolates_where_each_method_reaches_the_common_accu
         for scale, gamma, acc, fid, recall in points:
             rows.append(dict(method=method, scale=scale, gamma=gamma, accuracy=acc, fid=fid, recall=recall, seed=0,
                              nfe_per_sample=1.0, classifier_grads_per_sample=0.0, seconds_per_sample=0.1))
-    best = {b["method"]: b for b in summary(rows)}
-    assert best["cfg"]["matched_accuracy"] == 0.94  # cg_cond never reaches 0.95: the level drops to its best
-    assert best["cfg"]["matched_scale"] == pytest.approx(1.875)  # 0.8 → 0.96 between s = 1 and 2
-    assert best["cfg"]["matched_fid"] == pytest.approx(0.1125)
-    assert best["cfg"]["matched_recall"] == pytest.approx(0.7125)
-    assert (best["cg_cond"]["matched_scale"], best["cg_cond"]["matched_fid"]) == (2, 0.2)
+    from lightning_modules.sweep.tables import matched_level, matched_strength
+
+    level = matched_level(rows, target=0.94)
+    matched = matched_strength(rows, level)
+    assert matched["cfg"]["matched_scale"] == pytest.approx(1.875)  # 0.8 → 0.96 between s = 1 and 2
+    assert matched["cfg"]["matched_fid"] == pytest.approx(0.1125)
+    assert matched["cfg"]["matched_recall"] == pytest.approx(0.7125)
+    assert (matched["cg_cond"]["matched_scale"], matched["cg_cond"]["matched_fid"]) == (2, 0.2)
+    best = {b["method"]: b for b in summary(rows)}  # default level 0.99: cfg reaches it, cg_cond (0.94) never
+    assert best["cfg"]["matched_accuracy"] == 0.99 and best["cfg"]["matched_scale"] == pytest.approx(3.0)
+    assert math.isnan(best["cg_cond"]["matched_scale"])

@@ -136,8 +136,8 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
     if not math.isnan(level):
         out += ["", f"## At matched strength: target-class accuracy {level:.3g}", "",
                 "Methods compared at equal effect, not equal nominal scale: along each method's grid (increasing γ), "
-                "the first point where mean accuracy reaches the level every method reaches (0.95, or the lowest "
-                "best accuracy), linearly interpolated between grid points.", ""]
+                "the first point where mean accuracy reaches this level, linearly interpolated between grid points "
+                "(— = never reached on the grid).", ""]
         out += markdown_table(["method", "scale s", "γ", "FID ↓", "recall ↑"],
                               [[f"{label_of(b['method'])} (`{b['method']}`)", f"{b['matched_scale']:.3g}",
                                 f"{b['matched_gamma']:.3g}", f"{b['matched_fid']:.3g}", f"{b['matched_recall']:.3g}"]
