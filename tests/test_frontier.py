@@ -58,9 +58,19 @@ def test_apg_defaults_differ_from_cfg_and_do_not_depend_on_the_parameterisation(
     torch.testing.assert_close(v_samples, eps_samples, atol=2e-4, rtol=1e-4)
 
 
-def test_cfgpp_at_one_is_ddim_on_the_conditional_model():
-    torch.testing.assert_close(draw("cfgpp", 1.0), draw("cfg", 1.0), atol=1e-6, rtol=1e-6)
+def test_cfgpp_at_zero_is_unconditional_ddim_and_renoises_with_the_unconditional_eps():
+    torch.testing.assert_close(draw("cfgpp", 0.0, clip_x0=False), draw("cfg", 0.0, clip_x0=False), atol=1e-6,
+                               rtol=1e-6)
     assert not torch.allclose(draw("cfgpp", 0.6), draw("cfg", 0.6), atol=1e-4)  # renoising with ε_u differs
+    # One DDIM step by hand: x_s = √ᾱ_s·x̂0(ε_λ) + √(1−ᾱ_s)·ε_u.
+    schedule, net = NoiseSchedule("cosine", 1000), TinyNet()
+    labels, x = torch.arange(6) % NUM_CLASSES, torch.randn(6, *SHAPE)
+    out = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfgpp", 1.0).at(x, 500)
+    t = torch.full((6,), 500)
+    eps_c, eps_u = net(x, t, labels), net(x, t, torch.full_like(labels, NUM_CLASSES))
+    torch.testing.assert_close(out.eps, eps_c)  # λ = 1: x̂0 from ε_c ...
+    torch.testing.assert_close(out.eps_renoise, eps_u)  # ... but renoised with ε_u (the issue's "λ = 1 is DDIM-CFG
+    # at s = 1" does not follow from the update)
 
 
 def test_thresholding_leaves_in_range_samples_alone_and_bounds_the_rest():

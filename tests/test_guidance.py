@@ -129,22 +129,33 @@ def test_classifier_sees_original_timesteps_under_respacing(setup):
     assert all(torch.all(t == t[0]) for t in clf.seen_t)
 
 
-@pytest.mark.parametrize("method", ["cfg", "cg_cond", "cg_uncond", "cfg+cg"])
+@pytest.mark.parametrize("method", ["cfg", "cg_cond", "cg_uncond", "cfg+cg", "apg", "cfgpp", "autoguidance",
+                                    "cg_clean"])
 def test_per_sample_scale_vector_equals_separate_runs(setup, method):
+    from lightning_modules.diffusion import clean_log_prob
+
     schedule, _, _ = setup
-    scales = [0.0, 1.0, 2.5]
+    scales = [0.0, 0.5, 1.0] if method == "cfgpp" else [0.0, 1.0, 2.5]
     n = 4
     labels = torch.arange(n) % NUM_CLASSES
     keys = sample_keys(7, torch.arange(n))
-    rule = make_rule(method, GuidanceOptions(combo_cg_scale=0.5))
-    grad_fn = partial(classifier_grad, TinyClassifier())
+    rule = make_rule(method, GuidanceOptions(combo_cg_scale=0.5, apg_threshold=1.0))
+    extra = {"grad_fn": partial(classifier_grad, TinyClassifier()), "guide": _weaker(TinyNet()),
+             "log_prob_x0": clean_log_prob(TinyClassifier())}
     batched = sample(GuidedDenoiser(TinyNet(), schedule, labels.repeat(3), NUM_CLASSES, rule,
-                                    [s for s in scales for _ in range(n)], grad_fn=grad_fn),
+                                    [s for s in scales for _ in range(n)], **extra),
                      SHAPE, keys.repeat(3), 6, "ddim")
     for j, scale in enumerate(scales):
-        alone = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scale, grad_fn=grad_fn),
+        alone = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scale, **extra),
                        SHAPE, keys, 6, "ddim")
         torch.testing.assert_close(batched[j * n:(j + 1) * n], alone, atol=1e-5, rtol=1e-5)
+
+
+def _weaker(net):
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    return net
 
 
 def test_gamma_common_axis():

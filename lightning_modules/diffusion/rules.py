@@ -155,8 +155,10 @@ class AdaptiveProjected(GuidanceRule):
 
 class ClassifierFreePlusPlus(GuidanceRule):
     """CFG++ (Chung et al. 2024): x̂0 from ε_λ = ε_u + λ(ε_c − ε_u), λ ∈ [0, 1], and DDIM renoises with ε_u
-    instead of ε_λ. At λ = 1 it is DDIM on the conditional model; γ = λ (the combination's exponent; CFG++
-    guides more strongly than CFG at equal γ: compare at matched strength)."""
+    instead of ε_λ (as given, not recomputed from a clipped x̂0). At λ = 0 it is DDIM on the unconditional model
+    (exactly so without clipping); at λ = 1 it is NOT conditional DDIM (the renoising still uses ε_u). Where
+    the guidance weight is 0 (outside an interval) a step is plain conditional DDIM. γ = λ (the combination's
+    exponent; compare CFG++ with CFG at matched strength)."""
 
     name = "cfgpp"
     scale_range = (0.0, 1.0)
@@ -166,12 +168,16 @@ class ClassifierFreePlusPlus(GuidanceRule):
         return scale
 
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
+        if w == 0.0:
+            return StepMode(("cond",), False)
         effective = {1.0 + (s - 1.0) * w for s in scales}
-        return StepMode(("cond",) if effective == {1.0} else ("cond", "uncond"), False)
+        return StepMode(("uncond",) if effective == {0.0} else ("cond", "uncond"), False)
 
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
-        if p.uncond is None:
+        if p.uncond is None:  # plain conditional (guidance weight 0)
             return Guided(p.cond)
+        if p.cond is None:  # λ = 0 everywhere: x̂0 and renoising both from ε_u
+            return Guided(p.uncond, eps_renoise=p.uncond)
         lam = (1 + (scale - 1) * w).view(-1, 1, 1, 1)
         return Guided(p.uncond + lam * (p.cond - p.uncond), eps_renoise=p.uncond)
 
