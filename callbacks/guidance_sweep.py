@@ -165,7 +165,8 @@ class GuidanceSweep(Callback):
             wandb_run = _wandb_run(trainer)
             if wandb_run is not None:
                 add_tags(wandb_run, sweep_tags(self.config, getattr(trainer.datamodule, "name", None)))
-            on_cell = (lambda row, grid: log_cell(wandb_run, row, grid)) if wandb_run is not None else None
+            classes = models.num_classes
+            on_cell = (lambda row, grid: log_cell(wandb_run, row, grid, classes)) if wandb_run is not None else None
             rows = run_sweep(self.config, models, evaluation, store, dist=TrainerDistributed(trainer),
                              autocast_dtype=self._autocast(trainer), on_cell=on_cell)
             if trainer.is_global_zero and rows:

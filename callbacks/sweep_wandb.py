@@ -17,17 +17,19 @@ value at that best scale, so no last-logged value masquerades as a result.
 
 from __future__ import annotations
 
+import io
 import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image as PILImage
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from lightning_modules.sweep import COLUMNS, SweepConfig, aggregate, summary
 from lightning_modules.sweep.plots import METRICS
+from lightning_modules.sweep.store import png_bytes
 
 CURVE_COLUMNS = ["method", "metric", "scale", "gamma", "mean", "std", "lower", "upper", "seeds"]
 
@@ -50,8 +52,9 @@ def add_tags(run: Any, tags: Iterable[str]) -> None:
         run.tags = new
 
 
-def log_cell(run: Any, row: dict, grid: Tensor) -> None:
-    """One finished cell: its metrics as the seed's own series against `sweep/<method>/scale`, + its grid."""
+def log_cell(run: Any, row: dict, grid: Tensor, columns: int = 10) -> None:
+    """One finished cell: its metrics as the seed's own series against `sweep/<method>/scale`, + its grid
+    (`columns` = the number of classes)."""
     import wandb
 
     method, seed = row["method"], row["seed"]
@@ -60,7 +63,8 @@ def log_cell(run: Any, row: dict, grid: Tensor) -> None:
     run.define_metric(f"sweep/{method}/gamma", step_metric=axis)
     for name in (*METRICS, "samples"):
         run.define_metric(cell_key(method, seed, name), step_metric=axis)
-    images = make_grid((grid + 1) / 2, nrow=min(len(grid), 10), padding=1)
+    # The same picture as the cell's grid on disk: columns are classes, upscaled without blur.
+    images = PILImage.open(io.BytesIO(png_bytes(grid, nrow=columns)))
     run.log({axis: row["scale"], f"sweep/{method}/gamma": row["gamma"],
              **{cell_key(method, seed, m): row[m] for m in METRICS},
              cell_key(method, seed, "samples"): wandb.Image(images, caption=_caption(row))})

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from callbacks.sweep_wandb import log_cell
 
         def on_cell(row, grid):
-            log_cell(run, row, grid)
+            log_cell(run, row, grid, models.num_classes)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
     rows = run_sweep(config, models, evaluation, store, autocast_dtype=autocast, on_cell=on_cell)
     protocol = {"dataset": data.name, "dataset_id": data.dataset_id, "image_size": diffusion.hparams["image_size"],

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_modules.diffusion import (
+    RULES,
     GuidanceOptions,
     GuidedDenoiser,
     NoiseSchedule,
@@ -165,20 +166,27 @@ def _oracle64(schedule, mu, sigma, x, t):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
-@pytest.mark.parametrize("method", ["cfg", "apg", "cfg+cg", "none"])
+@pytest.mark.parametrize("method", list(RULES))
 def test_every_method_runs_on_every_sampler_it_is_defined_on(method, sampler):
     from functools import partial
 
-    from lightning_modules.diffusion import classifier_grad
+    from lightning_modules.diffusion import classifier_grad, clean_log_prob
 
     from .test_guidance import TinyClassifier
 
+    rule = make_rule(method)
+    if rule.samplers is not None and sampler not in rule.samplers:
+        pytest.skip(f"{method} is defined on {rule.samplers} only (the sweep refuses other samplers)")
     schedule = NoiseSchedule("cosine", 1000)
     labels = torch.arange(4) % NUM_CLASSES
-    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, method, [0.0, 1.0, 2.0, 3.0],
-                         grad_fn=partial(classifier_grad, TinyClassifier()))
-    out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), 6, sampler)
-    assert out.shape == (4, *SHAPE) and torch.isfinite(out).all()
+    scales = [0.0, 0.3, 0.7, 1.0] if method == "cfgpp" else [0.0, 1.0, 2.0, 3.0]
+    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scales,
+                         grad_fn=partial(classifier_grad, TinyClassifier()), guide=_perturbed(TinyNet()),
+                         log_prob_x0=clean_log_prob(TinyClassifier()))
+    stats = {}
+    out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), 6, sampler, threshold=0.995, stats=stats)
+    assert out.shape == (4, *SHAPE) and torch.isfinite(out).all() and out.abs().max() <= 1
+    assert stats["thresholded_steps"].shape == (4,)
 
 
 def test_autoguidance_with_the_main_model_as_its_own_guide_is_the_conditional_model():

@@ -172,9 +172,13 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                      "extractor": evaluation.extractor_id, "signature": sig})
     _sync(device)
     metrics_seconds = feature_seconds + time.perf_counter() - t0
-    seconds = time.perf_counter() - start  # the whole batched pass, shared equally by its cells
-    for row in rows:
-        row["seconds"], row["seconds_per_sample"] = seconds / len(job.scales), seconds / total
+    # All scales of a job share each batched pass: its wall time is attributed to the cells in proportion to their
+    # own cost (UNet-evaluation equivalents), so a cheap cell is not charged for its expensive neighbours.
+    seconds = time.perf_counter() - start
+    weights = [max(r["unet_equivalents_per_sample"], 1e-9) for r in rows]
+    for row, weight in zip(rows, weights):
+        row["seconds"] = seconds * weight / sum(weights)
+        row["seconds_per_sample"] = row["seconds"] / n
     grids = [grid[j * g:(j + 1) * g].cpu() for j in range(len(job.scales))]
     return JobResult(rows, grids, sampling_seconds, metrics_seconds)
 
