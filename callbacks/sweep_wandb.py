@@ -63,11 +63,14 @@ def log_cell(run: Any, row: dict, grid: Tensor, columns: int = 10) -> None:
     run.define_metric(f"sweep/{method}/gamma", step_metric=axis)
     for name in (*METRICS, "samples"):
         run.define_metric(cell_key(method, seed, name), step_metric=axis)
-    # The same picture as the cell's grid on disk: columns are classes, upscaled without blur.
-    images = PILImage.open(io.BytesIO(png_bytes(grid, nrow=columns)))
-    run.log({axis: row["scale"], f"sweep/{method}/gamma": row["gamma"],
-             **{cell_key(method, seed, m): row[m] for m in METRICS},
-             cell_key(method, seed, "samples"): wandb.Image(images, caption=_caption(row))})
+    # The same picture as the cell's grid on disk: columns are classes, upscaled without blur. A cell shared
+    # with an identical one (same_as) comes without a tensor: it logs no image of its own.
+    images = None if grid is None else PILImage.open(io.BytesIO(png_bytes(grid, nrow=columns)))
+    payload = {axis: row["scale"], f"sweep/{method}/gamma": row["gamma"],
+               **{cell_key(method, seed, m): row[m] for m in METRICS}}
+    if images is not None:
+        payload[cell_key(method, seed, "samples")] = wandb.Image(images, caption=_caption(row))
+    run.log(payload)
 
 
 def log_sweep(run: Any, rows: list[dict], plot_paths: list[Path], grid_dir: Path | None = None) -> None:

@@ -294,3 +294,29 @@ def test_autoguidance_cells_record_the_guide_and_count_its_cost(tmp_path, evalua
     assert 0 < flops["classifier"] < flops["diffusion"]
     with pytest.raises(OptionError, match="guide_ckpt"):
         config(tmp_path, methods=["autoguidance"], scales=None)
+
+
+def test_plain_cells_are_sampled_once_and_recorded_for_each_method(tmp_path, evaluation, monkeypatch):
+    from lightning_modules.sweep import engine
+
+    models = make_models()
+    sampled = []
+    real = engine.run_job
+
+    def spy(models_, config_, evaluation_, job, *args, **kwargs):
+        sampled.extend((job.method, s) for s in job.scales)
+        return real(models_, config_, evaluation_, job, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_job", spy)
+    cfg = config(tmp_path, methods=["cfg", "cg_cond", "cg_uncond"],
+                 scales={"cfg": [0.0, 1.0, 2.0], "cg_cond": [0.0, 1.0], "cg_uncond": [0.0, 3.0]})
+    rows = {(r["method"], r["scale"]): r for r in run_sweep(cfg, models, evaluation, SweepStore(tmp_path))}
+    assert sorted(sampled) == [("cfg", 0.0), ("cfg", 1.0), ("cfg", 2.0), ("cg_cond", 1.0), ("cg_uncond", 3.0)]
+    assert rows[("cg_cond", 0.0)]["same_as"] == "cfg s=1" and rows[("cg_uncond", 0.0)]["same_as"] == "cfg s=0"
+    assert rows[("cg_cond", 0.0)]["fid"] == rows[("cfg", 1.0)]["fid"] and rows[("cg_cond", 0.0)]["gamma"] == 1.0
+    grids = [(tmp_path / rows[cell]["grid"]).read_bytes() for cell in (("cg_cond", 0.0), ("cfg", 1.0))]
+    assert grids[0] == grids[1]
+    # Sampling them for real gives the same numbers (paired noise, plain conditional at every step).
+    alone = config(tmp_path / "alone", methods=["cg_cond"], scales={"cg_cond": [0.0]})
+    (own,) = run_sweep(alone, models, evaluation, SweepStore(tmp_path / "alone"))
+    assert own["fid"] == pytest.approx(rows[("cfg", 1.0)]["fid"], rel=1e-4) and own["same_as"] == ""

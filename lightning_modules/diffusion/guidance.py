@@ -174,6 +174,11 @@ class GuidanceRule:
         """The evaluations a step with guidance weight w needs for a batch holding these scales."""
         raise NotImplementedError
 
+    def plain(self, scale: float) -> str | None:
+        """"cond" / "uncond" when this scale is exactly the plain conditional / unconditional model at every
+        step (so its cell equals every other such cell on paired noise), else None."""
+        return None
+
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
         """The guided prediction from per-sample scales (B,) and the step's guidance weight w (0-d)."""
         raise NotImplementedError

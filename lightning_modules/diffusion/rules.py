@@ -37,6 +37,10 @@ class LinearGuidance(GuidanceRule):
     def needs_gradient(self, scale: float) -> bool:
         return self.split(scale)[1] != 0
 
+    def plain(self, scale: float) -> str | None:
+        s_cfg, s_cg = self.split(scale)
+        return None if s_cg != 0 else "cond" if s_cfg == 1 else "uncond" if s_cfg == 0 else None
+
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
         pairs = [self.split(s) for s in scales]
         effective = {(1.0 + (c - 1.0) * w) if c != 0 else 0.0 for c, _ in pairs}
@@ -132,6 +136,9 @@ class AdaptiveProjected(GuidanceRule):
     def gamma(self, scale: float) -> float:
         return scale
 
+    def plain(self, scale: float) -> str | None:
+        return "cond" if scale == 1 else None
+
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
         effective = {1.0 + (s - 1.0) * w for s in scales}
         return StepMode(("cond",) if effective == {1.0} else ("cond", "uncond"), False)
@@ -192,6 +199,9 @@ class Autoguidance(GuidanceRule):
 
     def gamma(self, scale: float) -> float:
         return scale
+
+    def plain(self, scale: float) -> str | None:
+        return "cond" if scale == 1 else None
 
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
         effective = {1.0 + (s - 1.0) * w for s in scales}

@@ -88,15 +88,51 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def plan_jobs(config: SweepConfig, store: SweepStore | None, sig: str) -> list[Job]:
-    """Every (seed, method) with the scales not yet done in the store."""
+def shared_cells(config: SweepConfig) -> dict[tuple[str, float, int], tuple[str, float]]:
+    """(method, scale, seed) → the earlier cell it equals: every plain conditional (or unconditional) cell of a
+    seed draws the same samples on paired noise (cfg s = 1, cg_cond s = 0, autoguidance w = 1, ...), so only
+    the first in grid order is sampled; the others are recorded as copies of it (`same_as`)."""
+    first: dict[tuple[str, int], tuple[str, float]] = {}
+    shared = {}
+    for seed in config.seeds:
+        for method, grid in config.grids.items():
+            rule = make_rule(method, config.guidance)
+            for scale in grid:
+                kind = rule.plain(scale)
+                if kind is None:
+                    continue
+                source = first.setdefault((kind, seed), (method, scale))
+                if source != (method, scale):
+                    shared[(method, scale, seed)] = source
+    return shared
+
+
+def plan_jobs(config: SweepConfig, store: SweepStore | None, sig: str, share_plain: bool = False) -> list[Job]:
+    """Every (seed, method) with the scales not yet done in the store (without the shared cells)."""
+    skip = shared_cells(config) if share_plain else {}
     jobs = []
     for seed in config.seeds:
         for method, grid in config.grids.items():
-            todo = tuple(s for s in grid if store is None or not store.done(sig, method, s, seed))
+            todo = tuple(s for s in grid if (method, s, seed) not in skip
+                         and (store is None or not store.done(sig, method, s, seed)))
             if todo:
                 jobs.append(Job(method, todo, seed))
     return jobs
+
+
+def _record_shared(config: SweepConfig, store: SweepStore, sig: str, on_cell) -> None:
+    """Rank 0: write each shared cell as a copy of its source row (own method, scale, γ and cost)."""
+    rows = {(r["method"], r["scale"], r["seed"]): r for r in store.select(sig)}
+    for (method, scale, seed), (src_method, src_scale) in shared_cells(config).items():
+        source = rows.get((src_method, src_scale, seed))
+        if source is None or store.done(sig, method, scale, seed):
+            continue
+        rule = make_rule(method, config.guidance)
+        row = {**source, "method": method, "scale": scale, "gamma": rule.gamma(scale),
+               "same_as": f"{src_method} s={src_scale:g}", "grid": store.grid_path(sig, method, scale, seed)}
+        store.append(row, (store.directory / source["grid"]).read_bytes())
+        if on_cell is not None:
+            on_cell(row, None)
 
 
 def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: Tensor,
@@ -192,7 +228,7 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     interrupted sweep keeps what it finished. Other ranks pass `store=None` and get [] back.
     """
     sig = signature(config, models, evaluation, autocast_dtype is not None)
-    jobs = dist.broadcast(plan_jobs(config, store, sig) if dist.rank == 0 else None)
+    jobs = dist.broadcast(plan_jobs(config, store, sig, share_plain=True) if dist.rank == 0 else None)
     steps = config.sampling.steps
     total = sum(len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) for j in jobs)
     chunks = sum(-(-len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) // config.batch_size)
@@ -211,4 +247,6 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
                 if on_cell is not None:
                     on_cell(row, grid)
     bar.close()
+    if store is not None:
+        _record_shared(config, store, sig, on_cell)
     return store.select(sig) if store is not None else []

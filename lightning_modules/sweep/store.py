@@ -28,10 +28,10 @@ COLUMNS = [
     "thresholded_fraction", "fid", "fid_lo", "fid_hi", "kid", "kid_std", "score", "score_lo", "score_hi",
     "precision", "recall", "accuracy", "accuracy_lo", "accuracy_hi", "seconds",
     "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
-    "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid",
+    "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
 ]
 TEXT = {"method", "sampler", "diffusion_sha", "classifier_sha", "guide_sha", "clean_classifier_sha", "extractor",
-        "signature", "grid"}
+        "signature", "grid", "same_as"}
 INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step", "guide_step", "clean_classifier_step"}
 
 
