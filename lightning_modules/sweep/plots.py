@@ -33,11 +33,12 @@ METHOD_STYLE = {"cfg": ("CFG", "tab:blue", "o"), "cg_cond": ("CG on the conditio
                 "cg_uncond": ("CG on the unconditional branch", "tab:green", "^"),
                 "cfg+cg": ("CFG + fixed CG", "tab:red", "D"), "none": ("no guidance", "tab:gray", "x"),
                 "apg": ("APG", "tab:purple", "v"), "cfgpp": ("CFG++", "tab:brown", "P"),
-                "autoguidance": ("autoguidance", "tab:pink", "h")}
+                "autoguidance": ("autoguidance", "tab:pink", "h"),
+                "cg_clean": ("CG with a clean classifier on x̂0", "tab:olive", "*")}
 SCALE_AXIS = {"cfg": "CFG scale s  (0 = unconditional, 1 = conditional model)",
               "cg_cond": "CG scale s  (0 = conditional model)", "cg_uncond": "CG scale s  (0 = unconditional model)",
               "cfg+cg": "CFG scale s  (CG scale fixed)", "apg": "APG scale s  (1 = conditional model)",
-              "cfgpp": "CFG++ scale s  (1 = conditional model)",
+              "cfgpp": "CFG++ λ  (0 = unconditional model)", "cg_clean": "clean-CG scale s  (0 = conditional model)",
               "autoguidance": "autoguidance scale s  (1 = main model alone)"}
 GAMMA_AXIS = "γ, the exponent on p(y|x) a scale implies (1 = conditional model)"
 PANELS = (("fid",), ("accuracy",), ("precision", "recall"), ("score",), ("kid",))

@@ -82,6 +82,10 @@ def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None =
     return figures
 
 
+def _g3(value: float) -> str:
+    return "—" if value != value else f"{value:.3g}"  # NaN: not reached on the grid
+
+
 def pm(mean: float, std: float, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "—"
@@ -139,8 +143,8 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
                 "the first point where mean accuracy reaches this level, linearly interpolated between grid points "
                 "(— = never reached on the grid).", ""]
         out += markdown_table(["method", "scale s", "γ", "FID ↓", "recall ↑"],
-                              [[f"{label_of(b['method'])} (`{b['method']}`)", f"{b['matched_scale']:.3g}",
-                                f"{b['matched_gamma']:.3g}", f"{b['matched_fid']:.3g}", f"{b['matched_recall']:.3g}"]
+                              [[f"{label_of(b['method'])} (`{b['method']}`)"]
+                               + [_g3(b[f"matched_{k}"]) for k in ("scale", "gamma", "fid", "recall")]
                                for b in best])
     top = min(best, key=lambda b: (math.isnan(b["fid"]), b["fid"]))
     out += ["", f"**At a glance**: the lowest FID is {label_of(top['method'])} at s = {top['best_scale']:g} "
