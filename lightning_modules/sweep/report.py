@@ -210,6 +210,9 @@ def protocol_lines(rows: list[dict], protocol: dict, class_names: list[str] | No
         lines.append("- **noisy classifier**: none")
     if r.get("guide_sha"):
         lines.append(f"- **guide network**: step {r.get('guide_step')}, weights sha `{r['guide_sha']}`")
+    if r.get("clean_classifier_sha"):
+        lines.append(f"- **clean classifier** (cg_clean): step {r.get('clean_classifier_step')}, weights sha "
+                     f"`{r['clean_classifier_sha']}`")
     lines += [f"- **sampler**: {r['sampler']}, {r['steps']} steps, η = {r['eta']:g}"
               + (f", precision {protocol['precision']}" if protocol.get("precision") else "")]
     guidance = protocol.get("guidance")
