@@ -110,7 +110,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=500, help="samples per (method, scale, seed) cell")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
-    p.add_argument("--classifier_steps", type=int, default=None, help="override the classifier's max_steps")
+    p.add_argument("--classifier_steps", type=int, default=None, help="override both classifiers' max_steps")
     p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),
                    help="the sweep's YAML (methods, scale grids, sampler); "
                         "configs/experiments/digits_sweep_frontier.yaml runs every method")
@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         diff_args += ["--trainer.max_steps", str(args.diffusion_steps)]
     group = study_group(root)
     classifier = fit_stage(root, "classifier", cls_args, group)
-    clean = fit_stage(root, "clean_classifier", ["--config", str(CONFIGS / "digits_clean_classifier.yaml")], group)
+    clean_args = ["--config", str(CONFIGS / "digits_clean_classifier.yaml")]
+    if args.classifier_steps:
+        clean_args += ["--trainer.max_steps", str(args.classifier_steps)]
+    clean = fit_stage(root, "clean_classifier", clean_args, group)
     diffusion = fit_stage(root, "diffusion", diff_args, group)
 
     base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt", str(classifier),

@@ -16,7 +16,7 @@ def test_compare_runs_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     rows = compare.main(["--out", str(tmp_path / "out"), *TINY])
     methods = {r["method"] for r in rows}
-    assert methods == {"cfg", "cg_cond", "cg_uncond"}
+    assert methods == {"cfg", "cg_cond", "cg_uncond", "autoguidance", "cg_clean"}
     assert {r["seed"] for r in rows} == {0, 1}
     out = capsys.readouterr().out
     assert "Best FID per method" in out and "Trend checks" in out
@@ -28,6 +28,7 @@ def test_compare_runs_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch, 
     # The checkpoints handed on are exactly the ones the stages trained (their final steps), and the sweep's
     # rows say so, with the networks' weight hashes.
     assert {r["diffusion_step"] for r in rows} == {5} and {r["classifier_step"] for r in rows} == {5}
+    assert {r["clean_classifier_step"] for r in rows} == {5} and {r["guide_step"] for r in rows} == {1}
     assert len({r["diffusion_sha"] for r in rows}) == 1 and len({r["classifier_sha"] for r in rows}) == 1
 
     # Second run: both fits and every sweep cell are reused; no sampling pass runs.

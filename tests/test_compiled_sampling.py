@@ -36,6 +36,14 @@ class CountingBackend:
         return gm.forward
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own graphs: no cache entries (or recompile budget) left over from earlier tests."""
+    torch._dynamo.reset()
+    compiled_step.cache_clear()
+    yield
+
+
 @pytest.fixture(scope="module")
 def nets():
     torch.manual_seed(0)

@@ -64,13 +64,16 @@ class GuidedDenoiser:
         net, prediction = (self.guide, self.guide_prediction) if guide else (self.net, self.prediction)
         return self.schedule.eps_from_output(prediction, net(x, t, y).float(), x, t)
 
-    def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode, memory: Tensor | None = None) -> Guided:
+    def __call__(self, x: Tensor, t: Tensor, w: Tensor, mode: StepMode, memory: Tensor | None = None,
+                 a_t: Tensor | None = None, sigma_t: Tensor | None = None) -> Guided:
         """The guided prediction at training indices t (B,) with guidance weight w (0-d tensor); `memory` is
-        the rule's state from the previous step (the sampler carries it; zeros at the first step).
+        the rule's state from the previous step (the sampler carries it; zeros at the first step); `a_t`,
+        `sigma_t` = √ᾱ_t, √(1−ᾱ_t) (samplers pass their precomputed values; else gathered here).
 
         Pure tensor code (no host reads), so a sampler may compile it into its step.
         """
-        a_t, sigma_t = self.schedule.coef("sqrt_ab", t, x), self.schedule.coef("sqrt_1m_ab", t, x)
+        if a_t is None or sigma_t is None:
+            a_t, sigma_t = self.schedule.coef("sqrt_ab", t, x), self.schedule.coef("sqrt_1m_ab", t, x)
         p = Predictions(x, t, a_t, sigma_t, torch.zeros_like(x) if memory is None else memory)
         if mode.branches == ("cond", "uncond"):
             # One batched forward; chunk order is fixed: conditional first, null label second.

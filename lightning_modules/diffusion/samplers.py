@@ -34,6 +34,9 @@ from .schedule import respaced_timesteps
 
 # x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum), thresholded steps (B,)
 State = tuple[Tensor, Tensor, Tensor, Tensor]
+# Graphs per step function: (methods × step kinds × batch shapes) of a whole sweep; Dynamo's default of 8 would
+# silently fall back to eager for the later methods of a many-method sweep.
+RECOMPILE_LIMIT = 64
 
 # Columns of the per-step table: t, guidance weight, noise stream, √ᾱ_t, √(1−ᾱ_t), then the update's
 # own coefficients (DDIM: √ᾱ_s, √(1−ᾱ_s−σ²), σ; DDPM: x̂0 and x_t posterior weights, √var, CG weight;
@@ -127,7 +130,7 @@ def ddim_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode
     """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
     x, d_prev, memory, count = state
     t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode, memory)
+    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
     eps = condition_score(guided.eps, guided.score, row[_B_T])
     x0, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
     if clip_x0 or threshold is not None:
@@ -144,7 +147,7 @@ def ddpm_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode
     """x_t → x_s by the posterior q(x_s | x_t, x̂_0) of the (respaced) chain, fixed-small variance. CG in mean-form."""
     x, d_prev, memory, count = state
     t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode, memory)
+    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
     x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, row), clip_x0, threshold)
     mean = condition_mean(row[_C0] * x0 + row[_C1] * x, guided.score, row[_C3])
     if noisy:
@@ -157,7 +160,7 @@ def dpmpp_2m_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, 
     """DPM-Solver++(2M): a multistep update on the data prediction D = x̂0 (limited before use). CG in ε-form."""
     x, d_prev, memory, count = state
     t, w, _ = _unpack(x, row)
-    guided = den(x, t, w, mode, memory)
+    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
     eps = condition_score(guided.eps, guided.score, row[_B_T])
     d, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
     x_next = row[_C0] * x + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
@@ -210,7 +213,8 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int
         mode = den.mode(t)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
-        state = step(den, state, table[i], keys, mode, noisy, clip_x0, threshold)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            state = step(den, state, table[i], keys, mode, noisy, clip_x0, threshold)
         if cuda_graphs:
             # Own the state: a graph output fed back as the next input can be overwritten by that very
             # replay (pytorch#170604, #184102). One copy of the batch per step, negligible next to the UNet.
