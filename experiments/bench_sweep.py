@@ -177,7 +177,8 @@ def sweep_config(args) -> SweepConfig:
     return SweepConfig(methods=list(args.sweep_methods), scales={m: list(s) for m, s in args.sweep_scales.items()},
                        seeds=[SAMPLE_SEED], num_samples=args.sweep_samples, batch_size=args.sweep_batch,
                        sampling=SamplerOptions("ddim", args.sweep_steps, compile=args.sweep_compile),
-                       classifier_ckpt=RANDOM_CLASSIFIER, extractor="inception", grid_size=1, progress=False)
+                       classifier_ckpt=RANDOM_CLASSIFIER, extractor="inception", grid_size=1, progress=False,
+                       bootstrap=0)  # as the CIFAR sweep recipe: 2048-d FID resamples cost seconds each
 
 
 def reference_evaluation(models: SweepModels, extractor, n: int, batch: int) -> Evaluation:

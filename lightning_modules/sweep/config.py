@@ -49,7 +49,9 @@ class SweepConfig:
         cache_dir: where the evaluator and reference features are cached.
         output_dir: where sweep.csv / sweep.json / plots / grids go (default: <run dir>/sweep).
         grid_size: images per cell kept for the sample grids (the first of each cell).
-        bootstrap: resamples for the 95% bootstrap intervals of FID, score and accuracy per cell (0 = none).
+        bootstrap: resamples for the 95% bootstrap intervals of FID, score and accuracy per cell (0 = none). Each
+            FID resample is a d×d eigendecomposition: cheap for the evaluator's 128-d features, seconds for
+            Inception's 2048-d ones on a CPU (the CIFAR recipe sets 0).
         precision: autocast for sampling: auto (the trainer's), 32 or bf16. Features are always float32.
         every_n_epochs: during fit, sweep every N epochs (0 = never).
         on_fit_end: during fit, sweep once when training ends.
