@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
+from lightning.pytorch.loggers import WandbLogger
 
 from .run_dir import run_dir
 
@@ -66,6 +67,14 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def tidy_wandb(trainer: L.Trainer) -> None:
+    """Before a trainer's W&B runs start: drop the `anonymous` argument Lightning always passes (wandb 0.31 warns
+    on every run that it has no effect)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:  # the run is created lazily
+            logger._wandb_init.pop("anonymous", None)
 
 
 def quiet_known_noise() -> None:

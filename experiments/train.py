@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import GuidanceSweep, RunConfigSaver
-from callbacks.console import FitSummary, StepProgressBar, quiet_known_noise
+from callbacks.console import FitSummary, StepProgressBar, quiet_known_noise, tidy_wandb
 from datamodules import ImageDataModule
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import SweepConfig
@@ -47,7 +47,9 @@ class GuideCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())  # total steps and ETA for step-limited fits
         kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep"))]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        tidy_wandb(trainer)
+        return trainer
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GuideCLI:
