@@ -1,4 +1,4 @@
-"""The guidance-sweep half of `experiments/benchmark.py` (issue 5) and the timing helpers both halves share.
+"""The guidance-sweep half of `experiments/benchmark.py` and the timing helpers both halves share.
 
 `sweep_record` times the sweep engine itself: one `lightning_modules.sweep.run_job` per method, the code
 path of the sweep callback and of `python -m experiments.sweep` (every scale of a method in one batched
@@ -42,7 +42,7 @@ from lightning_modules.evaluation.features import to_uint8_range
 from lightning_modules.evaluation.metrics import reference_moments
 from lightning_modules.sweep import Evaluation, SweepConfig, SweepModels, plan_jobs, run_job, signature
 
-# The issue-5 target: 8 scales per method, native scales of each method (cfg: s_cfg, cg_cond: s_cg).
+# The CIFAR-scale target: 8 scales per method, native scales of each method (cfg: s_cfg, cg_cond: s_cg).
 SWEEP_SCALES = {"cfg": (0.0, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0), "cg_cond": (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)}
 SMALL_SWEEP_SCALES = {"cfg": (1.0, 3.0), "cg_cond": (1.0, 3.0)}
 SWEEP_COMPILE = ("none", "default", "reduce-overhead", "max-autotune", "auto")

@@ -1,5 +1,5 @@
 """Throughput of the project's UNet at the DDPM-CIFAR size, against diffusers' UNet2DModel of the same size,
-and the wall time of the issue-5 guidance sweep.
+and the wall time of the CIFAR-scale guidance sweep (10k samples x 8 scales x CFG and CG, DDIM-50).
 
     python -m experiments.benchmark                       # GPU: batch 128 training, batch 512 sampling, full sweep
     python -m experiments.benchmark --small --no-peer     # CPU-friendly smoke run (a few minutes on 2 cores)
@@ -18,7 +18,7 @@ Prints one JSON line per measurement on stdout (diagnostics go to stderr):
       speedup_vs_eager; compile none / "default" / "reduce-overhead" (CUDA graphs) on CUDA, only eager on CPU
       unless --sweep-compile names a mode
   {"bench": "sync_check", ...}                            CUDA: host_sync_free = no host-device sync in sample()
-  {"bench": "sweep", ...}                                 the issue-5 sweep (ours only), see below
+  {"bench": "sweep", ...}                                 the CIFAR-scale sweep (ours only), see below
   {"peer": "skipped", "reason": ...}                      when diffusers is missing or --no-peer
 
 The sweep (target: <= 10 minutes on one H100): methods cfg and cg_cond x 8 scales (SWEEP_SCALES) x 10k samples

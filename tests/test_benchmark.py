@@ -200,7 +200,7 @@ def test_defaults():
     assert config.grids == {m: list(s) for m, s in bench_sweep.SMALL_SWEEP_SCALES.items()} and not config.progress
     full = benchmark.parse_args(["--device", "cpu"])
     assert (full.train_batch, full.sample_batch, full.base_channels) == (128, 512, 128)
-    # the issue-5 target: 10k samples x 8 scales x {CFG, CG}, 50 DDIM steps, in chunks of 2048
+    # the CIFAR-scale target: 10k samples x 8 scales x {CFG, CG}, 50 DDIM steps, in chunks of 2048
     assert (full.sweep_samples, full.sweep_steps, full.sweep_batch) == (10_000, 50, 2048)
     assert full.sweep_scales == bench_sweep.SWEEP_SCALES and all(len(s) == 8 for s in full.sweep_scales.values())
     cuda = benchmark.parse_args(["--device", "cuda"])  # parsing only: no GPU needed

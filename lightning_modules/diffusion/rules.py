@@ -9,6 +9,7 @@ converts both to ε first). CFG++ changes what DDIM renoises with.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -125,13 +126,16 @@ class ClassifierFreePlusClassifier(LinearGuidance):
         return scale, _like(scale, self.options.combo_cg_scale)
 
 
-class AdaptiveProjected(GuidanceRule):
-    """APG (Sadat et al. 2024), in x̂0 space: Δ = D_c − D_u, momentum Δ ← Δ + β·Δ_prev, norm threshold
-    Δ ← Δ·min(1, r/‖Δ‖), split into Δ∥ (along D_c) and Δ⊥, then D = D_c + (w − 1)(Δ⊥ + η·Δ∥).
-    With η = 1, β = 0 and no threshold it is CFG at w; the paper's η = 0 drops the saturating parallel part.
-    γ = w (the CFG axis)."""
+def _effective(scale, w):
+    """A scale around the conditional model (1 = conditional) with guidance weight w applied to its excess."""
+    return 1 + (scale - 1) * w
 
-    name = "apg"
+
+class AroundConditional(GuidanceRule):
+    """A method with a scale w around the conditional model (w = 1 is the conditional model, γ = w) that needs
+    the conditional prediction and one `other` branch whenever some sample is guided."""
+
+    other: ClassVar[str]
 
     def gamma(self, scale: float) -> float:
         return scale
@@ -140,8 +144,18 @@ class AdaptiveProjected(GuidanceRule):
         return "cond" if scale == 1 else None
 
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
-        effective = {1.0 + (s - 1.0) * w for s in scales}
-        return StepMode(("cond",) if effective == {1.0} else ("cond", "uncond"), False)
+        effective = {_effective(s, w) for s in scales}
+        return StepMode(("cond",) if effective == {1.0} else ("cond", self.other), False)
+
+
+class AdaptiveProjected(AroundConditional):
+    """APG (Sadat et al. 2024), in x̂0 space: Δ = D_c − D_u, momentum Δ ← Δ + β·Δ_prev, norm threshold
+    Δ ← Δ·min(1, r/‖Δ‖), split into Δ∥ (along D_c) and Δ⊥, then D = D_c + (w − 1)(Δ⊥ + η·Δ∥).
+    With η = 1, β = 0 and no threshold it is CFG at w; the paper's η = 0 drops the saturating parallel part.
+    γ = w (the CFG axis)."""
+
+    name = "apg"
+    other = "uncond"
 
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
         if p.uncond is None:
@@ -156,7 +170,7 @@ class AdaptiveProjected(GuidanceRule):
             delta = delta * torch.clamp(o.apg_threshold / norm.clamp_min(1e-12), max=1.0)
         unit = d_c / torch.linalg.vector_norm(d_c, dim=dims, keepdim=True).clamp_min(1e-12)
         parallel = (delta * unit).sum(dim=dims, keepdim=True) * unit
-        guided = d_c + ((1 + (scale - 1) * w) - 1).view(-1, 1, 1, 1) * (delta - parallel + o.apg_eta * parallel)
+        guided = d_c + (_effective(scale, w) - 1).view(-1, 1, 1, 1) * (delta - parallel + o.apg_eta * parallel)
         return Guided(p.eps(guided), memory=memory)
 
 
@@ -177,7 +191,7 @@ class ClassifierFreePlusPlus(GuidanceRule):
     def mode(self, scales: Sequence[float], w: float) -> StepMode:
         if w == 0.0:
             return StepMode(("cond",), False)
-        effective = {1.0 + (s - 1.0) * w for s in scales}
+        effective = {_effective(s, w) for s in scales}
         return StepMode(("uncond",) if effective == {0.0} else ("cond", "uncond"), False)
 
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
@@ -185,32 +199,23 @@ class ClassifierFreePlusPlus(GuidanceRule):
             return Guided(p.cond)
         if p.cond is None:  # λ = 0 everywhere: x̂0 and renoising both from ε_u
             return Guided(p.uncond, eps_renoise=p.uncond)
-        lam = (1 + (scale - 1) * w).view(-1, 1, 1, 1)
+        lam = _effective(scale, w).view(-1, 1, 1, 1)
         return Guided(p.uncond + lam * (p.cond - p.uncond), eps_renoise=p.uncond)
 
 
-class Autoguidance(GuidanceRule):
+class Autoguidance(AroundConditional):
     """Autoguidance (Karras et al. 2024): ε̂ = ε_g + w·(ε_c − ε_g), with ε_g the same label's prediction of a
     weaker conditional model (an earlier snapshot or a smaller model of the same data). w = 1 is the main
     model; γ = w (the CFG-like axis; the guide is not p(y|x))."""
 
     name = "autoguidance"
+    other = "guide"
     uses_guide = True
-
-    def gamma(self, scale: float) -> float:
-        return scale
-
-    def plain(self, scale: float) -> str | None:
-        return "cond" if scale == 1 else None
-
-    def mode(self, scales: Sequence[float], w: float) -> StepMode:
-        effective = {1.0 + (s - 1.0) * w for s in scales}
-        return StepMode(("cond",) if effective == {1.0} else ("cond", "guide"), False)
 
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
         if p.guide is None:
             return Guided(p.cond)
-        s = (1 + (scale - 1) * w).view(-1, 1, 1, 1)
+        s = _effective(scale, w).view(-1, 1, 1, 1)
         return Guided(p.guide + s * (p.cond - p.guide))  # EDM2's D_g.lerp(D_main, w), in ε
 
 

@@ -125,14 +125,25 @@ def _memory(guided, memory: Tensor) -> Tensor:
     return memory if guided.memory is None else guided.memory
 
 
+def _predict(den: GuidedDenoiser, x: Tensor, memory: Tensor, row: Tensor, mode: StepMode):
+    """The denoiser at this step's row: (guided prediction, noise stream)."""
+    t, w, stream = _unpack(x, row)
+    return den(x, t, w, mode, memory, row[_A_T], row[_B_T]), stream
+
+
+def _eps_form_x0(x: Tensor, guided, row: Tensor, clip_x0: bool, threshold: float | None):
+    """Classifier guidance in ε-form, then the limited x̂0: (ε, x̂0, thresholded samples)."""
+    eps = condition_score(guided.eps, guided.score, row[_B_T])
+    x0, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    return eps, x0, hit
+
+
 def ddim_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
               clip_x0: bool, threshold: float | None) -> State:
     """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
     x, d_prev, memory, count = state
-    t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
-    eps = condition_score(guided.eps, guided.score, row[_B_T])
-    x0, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    guided, stream = _predict(den, x, memory, row, mode)
+    eps, x0, hit = _eps_form_x0(x, guided, row, clip_x0, threshold)
     if clip_x0 or threshold is not None:
         eps = (x - row[_A_T] * x0) / row[_B_T]  # recompute ε from the limited x̂0 (docs/conventions.md)
     direction = eps if guided.eps_renoise is None else guided.eps_renoise  # CFG++ renoises with ε_u
@@ -146,8 +157,7 @@ def ddpm_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode
               clip_x0: bool, threshold: float | None) -> State:
     """x_t → x_s by the posterior q(x_s | x_t, x̂_0) of the (respaced) chain, fixed-small variance. CG in mean-form."""
     x, d_prev, memory, count = state
-    t, w, stream = _unpack(x, row)
-    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
+    guided, stream = _predict(den, x, memory, row, mode)
     x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, row), clip_x0, threshold)
     mean = condition_mean(row[_C0] * x0 + row[_C1] * x, guided.score, row[_C3])
     if noisy:
@@ -159,10 +169,8 @@ def dpmpp_2m_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, 
                   clip_x0: bool, threshold: float | None) -> State:
     """DPM-Solver++(2M): a multistep update on the data prediction D = x̂0 (limited before use). CG in ε-form."""
     x, d_prev, memory, count = state
-    t, w, _ = _unpack(x, row)
-    guided = den(x, t, w, mode, memory, row[_A_T], row[_B_T])
-    eps = condition_score(guided.eps, guided.score, row[_B_T])
-    d, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    guided, _ = _predict(den, x, memory, row, mode)
+    _, d, hit = _eps_form_x0(x, guided, row, clip_x0, threshold)
     x_next = row[_C0] * x + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
     return x_next, d, _memory(guided, memory), count + hit
 
