@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -71,10 +72,14 @@ class _DropMessages(logging.Filter):
 
 def tidy_wandb(trainer: L.Trainer) -> None:
     """Before a trainer's W&B runs start: drop the `anonymous` argument Lightning always passes (wandb 0.31 warns
-    on every run that it has no effect)."""
+    on every run that it has no effect), and create the run's directory, which wandb looks for a git repository
+    from (a missing one printed "git root <dir> does not exist" on every run; inside a clone it now finds the
+    repository and records its commit)."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is None:  # the run is created lazily
             logger._wandb_init.pop("anonymous", None)
+            if logger._wandb_init.get("dir"):
+                Path(logger._wandb_init["dir"]).mkdir(parents=True, exist_ok=True)
 
 
 def quiet_known_noise() -> None:

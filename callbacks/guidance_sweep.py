@@ -26,16 +26,13 @@ from lightning_modules.sweep import (
     SweepModels,
     SweepStore,
     build_evaluation,
-    check_compatible,
     check_extractor_available,
     check_writable,
     format_table,
-    load_classifier,
-    load_diffusion,
     resolve_extractor,
     run_sweep,
 )
-from lightning_modules.sweep.models import check_clean, resolve_guide
+from lightning_modules.sweep.models import load_guide, load_helper_networks
 from lightning_modules.sweep.report import write_outputs
 
 from .run_dir import run_dir
@@ -81,17 +78,9 @@ class GuidanceSweep(Callback):
         config.check(timesteps=pl_module.hparams.timesteps)
         check_extractor_available(resolve_extractor(config.extractor, getattr(trainer.datamodule, "name", "")),
                                   config.inception_weights)
-        if config.classifier_ckpt and self.classifier is None:
-            self.classifier = load_classifier(config.classifier_ckpt)
-            check_compatible(dict(pl_module.hparams), self.classifier.hparams, config.classifier_ckpt)
-        if config.needs_clean_classifier and self.clean_classifier is None:
-            self.clean_classifier = load_classifier(config.clean_classifier_ckpt, option="sweep.clean_classifier_ckpt")
-            check_clean(dict(pl_module.hparams), self.clean_classifier.hparams, config.clean_classifier_ckpt)
-        if config.needs_guide and self.guide is None:
-            path = self._guide_path(trainer)
-            if path.exists() or not config.guide_ckpt.startswith("snapshot:"):  # fit-time snapshots come later
-                self.guide = load_diffusion(path, option="sweep.guide_ckpt")
-                check_compatible(dict(pl_module.hparams), self.guide.hparams, str(path), "guide", "sweep.guide_ckpt")
+        # A guide snapshot:1/16 the running fit writes later (at 1/16 of max_steps) is loaded at sweep time.
+        self.classifier, self.guide, self.clean_classifier = load_helper_networks(
+            config, dict(pl_module.hparams), self._guide_base(trainer), allow_missing_snapshot=True)
         if trainer.is_global_zero:
             check_writable(self._output_dir(trainer))
 
@@ -112,10 +101,12 @@ class GuidanceSweep(Callback):
         self.run(trainer, pl_module)
 
     # ------------------------------------------------------------------ the sweep
-    def _guide_path(self, trainer: L.Trainer) -> Path:
+    def _guide_base(self, trainer: L.Trainer) -> str | None:
         # snapshot:1/16 lives next to the checkpoint being evaluated (validate) or the fit's own checkpoints.
-        base = trainer.ckpt_path or str(Path(trainer.checkpoint_callback.dirpath or run_dir(trainer)) / "last.ckpt")
-        return resolve_guide(self.config.guide_ckpt, base)
+        if not self.config.needs_guide:  # nothing to resolve (and without checkpointing there is no dirpath)
+            return None
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)  # None when nothing is checkpointed (validate)
+        return trainer.ckpt_path or str(Path(dirpath or run_dir(trainer)) / "last.ckpt")
 
     def _output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.config.output_dir) if self.config.output_dir else run_dir(trainer) / "sweep"
@@ -154,7 +145,7 @@ class GuidanceSweep(Callback):
             if self.classifier is not None:
                 self.classifier.net.to(device)
             if self.config.needs_guide and self.guide is None:  # a snapshot the fit made after setup
-                self.guide = load_diffusion(self._guide_path(trainer), option="sweep.guide_ckpt")
+                self.guide = load_guide(self.config, dict(module.hparams), self._guide_base(trainer))
             for network in (self.guide, self.clean_classifier):
                 if network is not None:
                     network.net.to(device)

@@ -1,4 +1,5 @@
-"""The guidance-sweep half of `experiments/benchmark.py` and the timing helpers both halves share.
+"""The guidance-sweep part of `experiments/benchmark.py` and the timing helpers it shares with
+`experiments/bench_networks.py` (the network-throughput part).
 
 `sweep_record` times the sweep engine itself: one `lightning_modules.sweep.run_job` per method, the code
 path of the sweep callback and of `python -m experiments.sweep` (every scale of a method in one batched

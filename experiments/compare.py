@@ -22,16 +22,24 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from experiments.train import main as cli
+from experiments.train import main as train_cli
 from experiments.trends import check_trends
-from lightning_modules.sweep import format_table, summary
+from lightning_modules.sweep import SUMMARY_COLUMNS, SUMMARY_TITLE, format_table, summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
+
+
+def cli(args: list[str], run: bool = True):
+    """experiments.train's CLI on `args`, with compare's own command line hidden from it (LightningCLI warns on
+    every stage when it sees both)."""
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return train_cli(args, run=run)
 
 def stage_dir(root: Path, name: str, args: list[str]) -> Path:
     """A directory per (stage, settings): the recipe files' contents and the overrides are hashed."""
@@ -152,10 +160,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finish_wandb(run.trainer)
 
     best = summary(rows)
-    print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
-    print(format_table(best, ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std",
-                              "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample",
-                              "unet_equivalents_per_sample", "seconds_per_sample", "seeds"]))
+    print(f"\n== {SUMMARY_TITLE} ==")
+    print(format_table(best, SUMMARY_COLUMNS))
     if best and best[0]["matched_accuracy"] == best[0]["matched_accuracy"]:  # not NaN
         print(f"\n== At matched strength: the first scale reaching accuracy {best[0]['matched_accuracy']:.3g} "
               "(interpolated) ==")

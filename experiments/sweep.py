@@ -23,6 +23,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import (
+    SUMMARY_COLUMNS,
+    SUMMARY_TITLE,
     SweepConfig,
     SweepModels,
     SweepStore,
@@ -30,18 +32,13 @@ from lightning_modules.sweep import (
     check_extractor_available,
     check_writable,
     format_table,
-    load_classifier,
     load_diffusion,
     resolve_extractor,
-    resolve_guide,
     run_sweep,
     summary,
 )
-from lightning_modules.sweep.models import read_checkpoint
+from lightning_modules.sweep.models import load_helper_networks, read_checkpoint
 from lightning_modules.sweep.report import write_outputs
-
-SUMMARY_COLUMNS = ["method", "best_scale", "gamma", "fid", "fid_std", "accuracy", "accuracy_std", "nfe_per_sample",
-                   "classifier_grads_per_sample", "seconds_per_sample", "seeds"]
 
 
 def parser() -> ArgumentParser:
@@ -81,11 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir)
     check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
     out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
-    classifier = load_classifier(config.classifier_ckpt, device) if config.classifier_ckpt else None
-    guide = (load_diffusion(resolve_guide(config.guide_ckpt, args.diffusion), device, option="sweep.guide_ckpt")
-             if config.needs_guide else None)
-    clean = (load_classifier(config.clean_classifier_ckpt, device, option="sweep.clean_classifier_ckpt")
-             if config.needs_clean_classifier else None)
+    classifier, guide, clean = load_helper_networks(config, diffusion.hparams, args.diffusion, device)
     models = SweepModels(diffusion, classifier, guide, clean)
     store = SweepStore(out_dir)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
@@ -108,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         log_sweep(run, rows, plots, grid_dir=out_dir)
         run.finish()
-    print("\n== Best FID per method (mean ± std over seeds; cost per sample) ==")
+    print(f"\n== {SUMMARY_TITLE} ==")
     print(format_table(summary(rows), SUMMARY_COLUMNS))
     print(f"\ndiffusion:   {args.diffusion} (step {diffusion.step}, sha {diffusion.sha})")
     if classifier is not None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import GuidanceSweep, RunConfigSaver
@@ -46,6 +46,11 @@ class GuideCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())  # total steps and ETA for step-limited fits
+        if self.subcommand in ("validate", "test", "predict"):
+            # Nothing is trained, so nothing is checkpointed: without this, restoring --ckpt_path's ModelCheckpoint
+            # state warns that its dirpath changed on every sweep run.
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+            kwargs["enable_checkpointing"] = False
         kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep"))]
         trainer = super().instantiate_trainer(**kwargs)
         tidy_wandb(trainer)

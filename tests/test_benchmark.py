@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from experiments import bench_sweep, benchmark
+from experiments import bench_networks, bench_sweep, benchmark
 from lightning_modules.diffusion import GuidanceOptions, NoiseSchedule, SamplerOptions, cell_cost, make_rule
 from lightning_modules.evaluation import CELL_METRIC_KEYS, feature_statistics
 from lightning_modules.evaluation.metrics import reference_moments
@@ -54,7 +54,7 @@ def test_tiny_run_prints_json_lines(capsys, monkeypatch, tmp_path):
 
     env = printed[0]
     assert env["bench"] == "env" and env["peak_tflops"] is None and env["dtype"] == "fp32"
-    assert {"peer": "skipped", "reason": benchmark.PEER_HINT} in printed
+    assert {"peer": "skipped", "reason": bench_networks.PEER_HINT} in printed
     measured = [r for r in printed if r.get("bench") in ("train", "sample")]
     assert {(r["bench"], r["impl"]) for r in measured} == {("train", "ours"), ("sample", "ours")}
     for r in measured:
@@ -244,12 +244,12 @@ def test_ratio_pairs_same_bench_and_mode():
     recs = [{"bench": "train", "impl": "ours", "compile": False, "dtype": "bf16", "images_per_s": 300.0},
             {"bench": "train", "impl": "peer", "compile": False, "dtype": "bf16", "images_per_s": 200.0},
             {"bench": "train", "impl": "ours", "compile": True, "dtype": "bf16", "images_per_s": 400.0}]
-    assert benchmark.ratios(recs) == [{"bench": "ratio", "of": "train", "compile": False, "dtype": "bf16",
-                                       "ours_over_peer": 1.5}]
+    assert bench_networks.ratios(recs) == [{"bench": "ratio", "of": "train", "compile": False, "dtype": "bf16",
+                                            "ours_over_peer": 1.5}]
 
 
 def test_peer_has_our_size():
     pytest.importorskip("diffusers")
-    ours, peer = benchmark.build_ours(128), benchmark.build_peer(128)
+    ours, peer = bench_networks.build_ours(128), bench_networks.build_peer(128)
     n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ours, peer))
     assert 35e6 < n_ours < 39e6 and abs(n_ours - n_peer) / n_ours < 0.01

@@ -228,3 +228,23 @@ def test_fit_keeps_guide_snapshots_and_the_sweep_names_them(trained, tmp_path):
                        str(tmp_path / "ag"), "--sweep.cache_dir", str(trained["cache"]), "--sweep.progress", "false"])
     assert {r["guide_step"] for r in rows} == {2} and len({r["guide_sha"] for r in rows}) == 1
     assert {r["scale"]: r["guide_evals_per_sample"] for r in rows} == {1.0: 0.0, 2.0: 2.0}
+
+
+def test_trainer_free_sweep_rejects_an_incompatible_guide_before_sampling(trained, tmp_path, monkeypatch):
+    """experiments.sweep checks the guide against the diffusion model when it loads it, as the callback does:
+    a guide of another noise schedule fails with the option and the file named, before any sampling."""
+    import experiments.sweep as sweep_cli
+
+    ckpt = torch.load(trained["diffusion"], map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["schedule"] == "cosine"
+    ckpt["hyper_parameters"]["schedule"] = "linear"  # same weights, so only the compatibility check can object
+    guide = tmp_path / "linear_guide.ckpt"
+    torch.save(ckpt, guide)
+    monkeypatch.setattr(sweep_cli, "run_sweep", lambda *args, **kwargs: pytest.fail("sampling started"))
+    out = tmp_path / "out"
+    with pytest.raises(OptionError, match=r"sweep\.guide_ckpt.*linear_guide\.ckpt.*schedule"):
+        sweep_cli.main(["--diffusion", str(trained["diffusion"]), "--sweep.methods", "[autoguidance]",
+                        "--sweep.guide_ckpt", str(guide), "--sweep.num_samples", "8", "--sweep.sampling.steps", "2",
+                        "--sweep.output_dir", str(out), "--sweep.cache_dir", str(trained["cache"]),
+                        "--sweep.progress", "false"])
+    assert not (out / "sweep.csv").exists()

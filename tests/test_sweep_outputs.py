@@ -153,6 +153,15 @@ def test_fid_best_at_a_moderate_scale_is_met_only_strictly_inside_the_grid(fids,
     assert all(line.strip().startswith("ok") for line in lines if "FID best" not in line)
 
 
+@pytest.mark.parametrize("accuracies, verdict", [([0.974, 0.98, 0.988], "ok"), ([0.974, 0.975, 0.98], "NOT MET"),
+                                                 ([0.5, 0.6, 0.7], "ok"), ([0.974, 0.99, 0.93], "NOT MET")])
+def test_accuracy_rises_by_a_margin_or_by_a_third_fewer_errors(accuracies, verdict):
+    """Near 100% a model cannot rise by 0.02: 2.6% → 1.2% errors is the trend; 2.6% → 2.0% is not."""
+    rows = [row("cfg", s, 0, accuracy=a) for s, a in zip((0, 1, 2), accuracies)]
+    (line,) = [line for line in check_trends(rows) if "accuracy rises" in line]
+    assert line.strip().startswith(verdict)
+
+
 def test_flat_trends_are_not_met_and_short_grids_are_skipped():
     flat = [row("cfg", s, 0, accuracy=0.9, recall=0.5) for s in (0, 1, 2)]
     assert all(line.strip().startswith("NOT MET") for line in check_trends(flat))

@@ -157,7 +157,6 @@ class GuidanceRule:
     uses_guide: ClassVar[bool] = False  # needs a guide network (autoguidance)
     gradient_at: ClassVar[str] = "x_t"  # the classifier sees x_t (noisy classifier) or x̂0 (clean classifier)
     scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
-    samplers: ClassVar[tuple[str, ...] | None] = None  # the samplers it is defined on (None = all)
 
     def __init__(self, options: GuidanceOptions | None = None) -> None:
         self.options = options or GuidanceOptions()

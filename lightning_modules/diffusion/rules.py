@@ -3,7 +3,7 @@
 Linear rules (cfg, cg_cond, cg_uncond, cfg+cg, none) are points of one general form and only map their
 native scale to (s_cfg, s_cg). Rules that are not affine in the prediction state the space they act in:
 APG acts on x̂0 (so its result does not depend on whether the network predicts ε or v; the denoiser
-converts both to ε first). CFG++ changes what DDIM renoises with.
+converts both to ε first). CFG++ changes what the sampler renoises with.
 """
 
 from __future__ import annotations
@@ -175,15 +175,15 @@ class AdaptiveProjected(AroundConditional):
 
 
 class ClassifierFreePlusPlus(GuidanceRule):
-    """CFG++ (Chung et al. 2024): x̂0 from ε_λ = ε_u + λ(ε_c − ε_u), λ ∈ [0, 1], and DDIM renoises with ε_u
-    instead of ε_λ (as given, not recomputed from a clipped x̂0). At λ = 0 it is DDIM on the unconditional model
-    (exactly so without clipping); at λ = 1 it is NOT conditional DDIM (the renoising still uses ε_u). Where
-    the guidance weight is 0 (outside an interval) a step is plain conditional DDIM. γ = λ (the combination's
-    exponent; compare CFG++ with CFG at matched strength)."""
+    """CFG++ (Chung et al. 2024): x̂0 from ε_λ = ε_u + λ(ε_c − ε_u), λ ∈ [0, 1], renoised with ε_u instead of
+    ε_λ (as given, not recomputed from a clipped x̂0). DDIM: x_s = √ᾱ_s·x̂0 + σ_s·ε_u; the ancestral and
+    DPM-Solver++ updates start from the point √ᾱ_t·x̂0 + σ_t·ε_u (see `samplers._renoise_point`). At λ = 0 it
+    is the unconditional model (exactly so without clipping); at λ = 1 it is NOT the conditional model (the
+    renoising still uses ε_u). Where the guidance weight is 0 (outside an interval) a step is plain conditional
+    sampling. γ = λ (the combination's exponent; compare CFG++ with CFG at matched strength)."""
 
     name = "cfgpp"
     scale_range = (0.0, 1.0)
-    samplers = ("ddim",)
 
     def gamma(self, scale: float) -> float:
         return scale

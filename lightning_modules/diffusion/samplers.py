@@ -3,7 +3,8 @@
 One loop serves every guidance method: the GuidedDenoiser returns the rule's guided ε and its extra score
 term, and the sampler applies that term in the form its update needs (ε-form for DDIM and DPM-Solver++ via
 `condition_score`, mean-form for ancestral via `condition_mean`). Samplers know no method names; a rule
-may also hand back the ε to renoise with (CFG++), which DDIM uses for its direction term.
+may also hand back the ε to renoise with (CFG++): every update then starts from x_t' = √ᾱ_t·x̂0 + σ_t·ε_renoise,
+the point whose noise is that ε (for DDIM exactly its direction term).
 
 Every per-step scalar (timestep, ᾱ terms, σ, guidance weight, noise stream, solver weights) is computed on
 the host before the loop and handed to the step as one row of a device tensor. A step is therefore pure
@@ -121,6 +122,14 @@ def _limit_x0(x0: Tensor, clip_x0: bool, threshold: float | None) -> tuple[Tenso
     return x0, torch.zeros(len(x0), device=x0.device)
 
 
+def _renoise_point(x: Tensor, x0: Tensor, guided, row: Tensor) -> Tensor:
+    """The point an update starts from: x_t itself, or for a rule with its own renoising ε (CFG++) the point
+    √ᾱ_t·x̂0 + σ_t·ε_renoise whose data part is the guided x̂0 and whose noise is that ε. For DDIM this is
+    exactly CFG++'s x_s = √ᾱ_s·x̂0 + σ_s·ε_u; ancestral and DPM-Solver++ updates take it for x_t unchanged
+    (so their 2M extrapolation stays on the guided x̂0 it integrates)."""
+    return x if guided.eps_renoise is None else row[_A_T] * x0 + row[_B_T] * guided.eps_renoise
+
+
 def _memory(guided, memory: Tensor) -> Tensor:
     return memory if guided.memory is None else guided.memory
 
@@ -159,7 +168,7 @@ def ddpm_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode
     x, d_prev, memory, count = state
     guided, stream = _predict(den, x, memory, row, mode)
     x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, row), clip_x0, threshold)
-    mean = condition_mean(row[_C0] * x0 + row[_C1] * x, guided.score, row[_C3])
+    mean = condition_mean(row[_C0] * x0 + row[_C1] * _renoise_point(x, x0, guided, row), guided.score, row[_C3])
     if noisy:
         mean = mean + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
     return mean, d_prev, _memory(guided, memory), count + hit
@@ -171,7 +180,7 @@ def dpmpp_2m_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, 
     x, d_prev, memory, count = state
     guided, _ = _predict(den, x, memory, row, mode)
     _, d, hit = _eps_form_x0(x, guided, row, clip_x0, threshold)
-    x_next = row[_C0] * x + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
+    x_next = row[_C0] * _renoise_point(x, d, guided, row) + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
     return x_next, d, _memory(guided, memory), count + hit
 
 

@@ -31,12 +31,12 @@ from .models import (
     weights_hash,
 )
 from .store import COLUMNS, SweepStore, check_writable
-from .tables import aggregate, format_table, summary
+from .tables import SUMMARY_COLUMNS, SUMMARY_TITLE, aggregate, format_table, summary
 
 __all__ = [
-    "COLUMNS", "DEFAULT_SCALES", "Distributed", "Evaluation", "Job", "JobResult", "Network", "SingleProcess",
-    "SweepConfig", "SweepModels", "SweepStore", "aggregate", "build_evaluation", "check_compatible",
-    "check_extractor_available", "check_writable", "format_table", "generate_images", "load_classifier",
-    "load_diffusion", "plan_jobs", "resolve_guide", "resolve_extractor", "run_job", "run_sweep", "signature", "summary",
-    "weights_hash",
+    "COLUMNS", "DEFAULT_SCALES", "SUMMARY_COLUMNS", "SUMMARY_TITLE", "Distributed", "Evaluation", "Job",
+    "JobResult", "Network", "SingleProcess", "SweepConfig", "SweepModels", "SweepStore", "aggregate",
+    "build_evaluation", "check_compatible", "check_extractor_available", "check_writable", "format_table",
+    "generate_images", "load_classifier", "load_diffusion", "plan_jobs", "resolve_guide", "resolve_extractor",
+    "run_job", "run_sweep", "signature", "summary", "weights_hash",
 ]

@@ -49,9 +49,9 @@ class SweepConfig:
         cache_dir: where the evaluator and reference features are cached.
         output_dir: where sweep.csv / sweep.json / plots / grids go (default: <run dir>/sweep).
         grid_size: images per cell kept for the sample grids (the first of each cell).
-        bootstrap: resamples for the 95% bootstrap intervals of FID, score and accuracy per cell (0 = none). Each
-            FID resample is a d×d eigendecomposition: cheap for the evaluator's 128-d features, seconds for
-            Inception's 2048-d ones on a CPU (the CIFAR recipe sets 0).
+        bootstrap: resamples (random halves of the samples) for every metric's 95% interval over samples per cell
+            (0 = none; see docs/conventions.md). Each FID resample is a d×d eigendecomposition: cheap for the
+            evaluator's 128-d features, seconds for Inception's 2048-d ones on a CPU (the CIFAR recipe sets 0).
         precision: autocast for sampling: auto (the trainer's), 32 or bf16. Features are always float32.
         every_n_epochs: during fit, sweep every N epochs (0 = never).
         on_fit_end: during fit, sweep once when training ends.
@@ -117,10 +117,6 @@ class SweepConfig:
             if not all(lo <= v <= hi for v in grid):
                 raise OptionError(f"{P}scales.{method}", f"{grid} leaves {method}'s scale range [{lo}, {hi}]",
                                   f"give scales within [{lo}, {hi}]")
-            if rule.samplers is not None and self.sampling.sampler not in rule.samplers:
-                raise OptionError(f"{P}sampling.sampler", f"{method} is defined on {list(rule.samplers)} only, "
-                                  f"not on {self.sampling.sampler}", f"sweep {method} in a run with sampler "
-                                  f"{rule.samplers[0]}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise OptionError(f"{P}seeds", f"{self.seeds} is empty or repeats a seed",
                               "give distinct seeds, e.g. [0, 1]")

@@ -27,7 +27,7 @@ from .evaluation import Evaluation
 from .models import SweepModels
 from .store import SweepStore, png_bytes
 
-ENGINE_VERSION = 2  # part of every cell's signature: bump when the engine's numbers change
+ENGINE_VERSION = 4  # part of every cell's signature: bump when the engine's numbers change
 
 
 class Distributed(Protocol):

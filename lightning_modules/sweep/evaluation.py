@@ -7,7 +7,6 @@ the identity of the data (a fingerprint of its files) and of the extractor (its 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,11 @@ from lightning_modules.evaluation import (
     InceptionExtractor,
     cell_metrics,
     check_inception_weights,
-    classifier_score,
     feature_statistics,
-    fid_from_stats,
     load_or_train_evaluator,
     reference_features,
-    target_accuracy,
 )
+from lightning_modules.evaluation.intervals import metric_intervals
 from lightning_modules.evaluation.metrics import reference_moments
 
 GREY_DATASETS = ("digits", "mnist", "fashion_mnist")
@@ -70,32 +67,13 @@ class Evaluation:
         return self.extractor.extract(torch.zeros(1, *shape, device=device))[1].shape[1]
 
     def score(self, feats: Tensor, logits: Tensor, labels: Tensor, bootstrap: int = 0) -> dict[str, float]:
-        """Metrics of one cell, on the features' device (float64 matrix work), with percentile-bootstrap 95%
-        intervals over samples (`<metric>_lo`, `<metric>_hi`) of FID, score and accuracy from `bootstrap`
-        resamples (a fixed generator: the same draws for every cell). Precision/recall are not bootstrapped
-        (a resample's duplicates shrink k-NN radii to 0) and KID carries its own subset std."""
-        metrics = cell_metrics(self.ref_feats, feats, logits, labels if self.kind == "evaluator" else None,
-                               ref_stats=self.ref_stats, kid_subset_size=min(1000, len(feats), len(self.ref_feats)))
-        draws: dict[str, list[float]] = {"fid": [], "score": [], "accuracy": []}
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(bootstrap):
-            i = torch.randint(len(feats), (len(feats),), generator=gen).to(feats.device)
-            draws["fid"].append(fid_from_stats(*self.ref_stats[:2], feats[i], sqrt_sigma_r=self.ref_stats[2]))
-            draws["score"].append(classifier_score(logits[i]))
-            draws["accuracy"].append(target_accuracy(logits[i], labels.to(logits.device)[i])
-                                     if self.kind == "evaluator" else math.nan)
-        for name, values in draws.items():
-            lo, hi = _percentiles(values) if values else (math.nan, math.nan)
-            metrics[f"{name}_lo"], metrics[f"{name}_hi"] = lo, hi
-        return metrics
-
-
-def _percentiles(values: list[float]) -> tuple[float, float]:
-    v = torch.tensor(values, dtype=torch.float64)
-    if torch.isnan(v).any():
-        return math.nan, math.nan
-    q = torch.quantile(v, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(q[0]), float(q[1])
+        """Metrics of one cell, on the features' device (float64 matrix work), each with a 95% interval over the
+        samples (`<metric>_lo`, `<metric>_hi`) from `bootstrap` random halves (see `evaluation.intervals`)."""
+        target = labels if self.kind == "evaluator" else None
+        metrics = cell_metrics(self.ref_feats, feats, logits, target, ref_stats=self.ref_stats,
+                               kid_subset_size=min(1000, len(feats), len(self.ref_feats)))
+        return {**metrics, **metric_intervals(metrics, self.ref_feats, self.ref_stats, feats, logits, target,
+                                              bootstrap, strata=labels)}
 
 
 def build_evaluation(kind: str, datamodule, cache_dir: str | Path, inception_weights: str | None, split: str,

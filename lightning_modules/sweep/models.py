@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_modules.diffusion import NoiseSchedule, OptionError, classifier_grad, clean_log_prob
 from lightning_modules.diffusion.guidance import GradFn, LogProbFn
 from lightning_modules.networks import EncoderClassifier, UNet
+from lightning_modules.sweep.config import SweepConfig
 
 COMPAT_KEYS = ("num_classes", "image_size", "channels", "schedule", "timesteps")
 
@@ -218,6 +219,40 @@ def resolve_guide(guide: str, diffusion_ckpt: str | Path) -> Path:
         return Path(guide)
     fraction = guide.split(":", 1)[1].replace("/", "of")
     return Path(diffusion_ckpt).parent / f"guide-{fraction}.ckpt"
+
+
+def load_guide(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str | Path | None,
+               device: torch.device | str = "cpu", allow_missing_snapshot: bool = False) -> Network | None:
+    """The guide autoguidance needs (None if no method does), checked against the diffusion model.
+
+    `diffusion_ckpt`: where the diffusion checkpoint is (or will be written); a `snapshot:1/16` guide lies next
+    to it. `allow_missing_snapshot`: a snapshot the running fit has not written yet gives None (load it again at
+    sweep time) instead of an error."""
+    if not config.needs_guide:
+        return None
+    path = resolve_guide(config.guide_ckpt, diffusion_ckpt)
+    if allow_missing_snapshot and config.guide_ckpt.startswith("snapshot:") and not path.exists():
+        return None
+    guide = load_diffusion(path, device, option="sweep.guide_ckpt")
+    check_compatible(diffusion_hparams, guide.hparams, str(path), "guide", "sweep.guide_ckpt")
+    return guide
+
+
+def load_helper_networks(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str | Path | None,
+                         device: torch.device | str = "cpu", allow_missing_snapshot: bool = False
+                         ) -> tuple[Network | None, Network | None, Network | None]:
+    """(noisy classifier, guide, clean classifier) as the config asks for them, None where it does not, each
+    checked against the diffusion model's hyperparameters: an OptionError naming the option before any
+    sampling, not a failure (or silently wrong samples) deep inside it. The guide's arguments: `load_guide`."""
+    classifier = clean = None
+    if config.classifier_ckpt:  # loaded whenever given: the rows record it even for classifier-free methods
+        classifier = load_classifier(config.classifier_ckpt, device)
+        check_compatible(diffusion_hparams, classifier.hparams, config.classifier_ckpt)
+    if config.needs_clean_classifier:
+        clean = load_classifier(config.clean_classifier_ckpt, device, option="sweep.clean_classifier_ckpt")
+        check_clean(diffusion_hparams, clean.hparams, config.clean_classifier_ckpt)
+    guide = load_guide(config, diffusion_hparams, diffusion_ckpt, device, allow_missing_snapshot)
+    return classifier, guide, clean
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu", option: str = "sweep.classifier_ckpt"

@@ -19,7 +19,7 @@ from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
 from .store import _atomic_write
-from .tables import mean_std, passes, passes_text, summary
+from .tables import interval_mean, mean_std, passes, passes_text, summary
 
 HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
             "metrics_vs_gamma": "Metrics against γ", "front_fid_vs_accuracy": "FID–accuracy front",
@@ -58,6 +58,11 @@ METRIC_NOTES = [
              "diffusion-network evaluations with the other passes weighted by their FLOPs. Wall seconds are as "
              "recorded in the cell's rows."),
     ("± std", "Standard deviation over sampling seeds; **—** means one seed, so no spread was measured."),
+    ("[lo, hi]", "95% interval over the generated samples with the reference data held fixed: the metric on "
+                 "random halves of the samples, half of each class (the labels are fixed by design; no sample "
+                 "twice, unlike a bootstrap resample, whose duplicates bias FID, KID and recall), their "
+                 "percentiles about their mean placed around the full value; averaged over seeds. Every row of "
+                 "`sweep.csv` has `<metric>_lo` / `<metric>_hi`."),
 ]
 
 
@@ -117,6 +122,12 @@ def _stat(cell: list[dict], key: str, digits: int = 3) -> str:
     return pm(*mean_std([r[key] for r in cell]), digits)
 
 
+def _with_interval(cell: list[dict], key: str) -> str:
+    """'mean ± std [lo, hi]': the spread over seeds and the 95% interval over samples (mean over seeds)."""
+    lo, hi = interval_mean(cell, f"{key}_lo"), interval_mean(cell, f"{key}_hi")
+    return _stat(cell, key) + (f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) and math.isfinite(hi) else "")
+
+
 def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[str] | None,
            figures: list[Path]) -> str:
     first, seeds = rows[0], sorted({r["seed"] for r in rows})
@@ -131,8 +142,8 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
         cell = next(c for c in cells(rows) if c[0]["method"] == b["method"] and math.isclose(c[0]["scale"],
                                                                                               b["best_scale"]))
         body.append([f"{label_of(b['method'])} (`{b['method']}`)", f"{b['best_scale']:g}", f"{b['gamma']:g}",
-                     pm(b["fid"], b["fid_std"]), pm(b["accuracy"], b["accuracy_std"]), _stat(cell, "precision"),
-                     _stat(cell, "recall"), _cost(b),
+                     _with_interval(cell, "fid"), _with_interval(cell, "accuracy"), _with_interval(cell, "precision"),
+                     _with_interval(cell, "recall"), _cost(b),
                      pm(b["seconds_per_sample"], b["seconds_per_sample_std"]), str(b["seeds"])])
     out += markdown_table(["method", "scale s", "γ", "FID ↓", "accuracy ↑", "precision ↑", "recall ↑",
                            "passes / sample: model + classifier (≈ model evals)", "seconds / sample", "seeds"], body)
@@ -150,7 +161,8 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
     out += ["", f"**At a glance**: the lowest FID is {label_of(top['method'])} at s = {top['best_scale']:g} "
             f"(FID {pm(top['fid'], top['fid_std'])}, accuracy {pm(top['accuracy'], top['accuracy_std'])}) for "
             f"{passes(top):g} network passes per sample ({passes_text(top)}).", "",
-            "Mean ± std over seeds; — = one seed (no spread measured). FID is compared within this sweep only "
+            "Mean ± std over seeds; — = one seed (no spread measured); [lo, hi] = 95% interval over the samples "
+            "(random halves, averaged over seeds). FID is compared within this sweep only "
             f"({first['num_samples']} samples per cell).", ""]
     for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",
                  "front_precision_vs_recall"):

@@ -25,8 +25,9 @@ from lightning_modules.diffusion import OptionError
 COLUMNS = [
     "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
     "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample", "unet_equivalents_per_sample",
-    "thresholded_fraction", "fid", "fid_lo", "fid_hi", "kid", "kid_std", "score", "score_lo", "score_hi",
-    "precision", "recall", "accuracy", "accuracy_lo", "accuracy_hi", "seconds",
+    "thresholded_fraction", "fid", "fid_lo", "fid_hi", "kid", "kid_std", "kid_lo", "kid_hi", "score", "score_lo",
+    "score_hi", "precision", "precision_lo", "precision_hi", "recall", "recall_lo", "recall_hi", "accuracy",
+    "accuracy_lo", "accuracy_hi", "seconds",
     "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
     "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
 ]

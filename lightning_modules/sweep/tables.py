@@ -30,6 +30,11 @@ def best_index(values: list[float]) -> int:
     return min(range(len(values)), key=lambda k: (math.isnan(values[k]), values[k]))
 
 
+def interval_mean(cell: list[dict], key: str) -> float:
+    """A cell's interval end (`<metric>_lo` / `_hi`, over samples) averaged over its seeds; NaN if not recorded."""
+    return sum(_get(r, key, math.nan) for r in cell) / len(cell)
+
+
 def _get(row: dict, key: str, default: float) -> float:
     value = row.get(key, default)
     return default if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -47,6 +52,13 @@ def passes_text(row: dict) -> str:
             + (f" + {guide:g} guide" if guide else ""))
 
 
+SUMMARY_TITLE = "Best FID per method (mean, std over seeds, 95% interval over samples [lo, hi]; cost per sample)"
+# The summary's columns on a terminal (experiments.compare and experiments.sweep print the same table).
+SUMMARY_COLUMNS = ["method", "best_scale", "gamma", "fid", "fid_std", "fid_lo", "fid_hi", "accuracy", "accuracy_std",
+                   "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample",
+                   "unet_equivalents_per_sample", "seconds_per_sample", "seeds"]
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Best FID per method (mean over seeds), with the accuracy and the cost of that cell (its own rows)."""
     fid = aggregate(rows, "fid")
@@ -58,6 +70,7 @@ def summary(rows: list[dict]) -> list[dict]:
         cell = [r for r in rows if r["method"] == method and math.isclose(r["scale"], scale)]
         seconds, seconds_std = mean_std([r["seconds_per_sample"] for r in cell])
         out.append({"method": method, "best_scale": scale, "gamma": gamma, "fid": mean, "fid_std": std,
+                    "fid_lo": interval_mean(cell, "fid_lo"), "fid_hi": interval_mean(cell, "fid_hi"),
                     "accuracy": acc[method][i][2], "accuracy_std": acc[method][i][3],
                     "nfe_per_sample": cell[0]["nfe_per_sample"],
                     "classifier_grads_per_sample": cell[0]["classifier_grads_per_sample"],
