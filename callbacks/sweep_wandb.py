@@ -107,6 +107,7 @@ def write_summary(run: Any, rows: list[dict], grid_dir: Path | None = None) -> N
         method, scale = best["method"], best["best_scale"]
         prefix = f"sweep/{method}"
         run.summary.update({f"{prefix}/best_fid": best["fid"], f"{prefix}/best_fid_std": best["fid_std"],
+                            f"{prefix}/best_fid_lo": best["fid_lo"], f"{prefix}/best_fid_hi": best["fid_hi"],
                             f"{prefix}/best_scale": scale, f"{prefix}/best_gamma": best["gamma"],
                             f"{prefix}/best_accuracy": best["accuracy"],
                             f"{prefix}/best_accuracy_std": best["accuracy_std"], f"{prefix}/best_seeds": best["seeds"],

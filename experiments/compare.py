@@ -114,9 +114,10 @@ def finish_wandb(trainer: Trainer | None = None) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare", help="root directory of all stages")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (error bars)")
-    p.add_argument("--num_samples", type=int, default=500, help="samples per (method, scale, seed) cell")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    # Unset, these three are the recipe's own (digits_sweep.yaml: seeds 0 1, 500 samples, DDIM-20).
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="sampling seeds (error bars)")
+    p.add_argument("--num_samples", type=int, default=None, help="samples per (method, scale, seed) cell")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
     p.add_argument("--classifier_steps", type=int, default=None, help="override both classifiers' max_steps")
     p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),
@@ -146,14 +147,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diffusion = fit_stage(root, "diffusion", diff_args, group)
 
     base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt", str(classifier),
-            "--sweep.clean_classifier_ckpt", str(clean), "--sweep.num_samples", str(args.num_samples),
-            "--sweep.sampling.steps", str(args.steps), "--sweep.seeds", json.dumps(args.seeds)]
+            "--sweep.clean_classifier_ckpt", str(clean)]
+    for option, value in (("--sweep.num_samples", args.num_samples), ("--sweep.sampling.steps", args.steps),
+                          ("--sweep.seeds", args.seeds)):
+        if value is not None:  # otherwise the recipe's
+            base += [option, json.dumps(value)]
     sweep_args = [*base, *args.extra]
     sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
     # W&B names before --extra, so an --extra logger swap (e.g. configs/logger/csv.yaml) drops them.
     run = cli([*base, *wandb_args(sweep_dir, "sweep", group), *args.extra, "--sweep.output_dir", str(sweep_dir),
-               "--trainer.logger.init_args.save_dir", str(sweep_dir)], run=False)
+               "--trainer.logger.init_args.save_dir", str(sweep_dir), "--trainer.enable_checkpointing=false"],
+              run=False)
     run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
     sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
     rows = sweep.last_rows

@@ -46,9 +46,10 @@ class GuideCLI(LightningCLI):
         callbacks = list(config.get("callbacks") or [])
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(StepProgressBar())  # total steps and ETA for step-limited fits
-        if self.subcommand in ("validate", "test", "predict"):
-            # Nothing is trained, so nothing is checkpointed: without this, restoring --ckpt_path's ModelCheckpoint
-            # state warns that its dirpath changed on every sweep run.
+        if self.subcommand in ("validate", "test", "predict") or config.get("enable_checkpointing") is False:
+            # Nothing is trained, so nothing is checkpointed: the recipes' ModelCheckpoint goes (Lightning refuses
+            # one with enable_checkpointing=False), and restoring --ckpt_path no longer warns on every sweep run
+            # that the checkpoint's dirpath changed.
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
             kwargs["enable_checkpointing"] = False
         kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep"))]

@@ -56,7 +56,8 @@ def study(tmp_path_factory) -> dict:
                        ["--sweep.seeds=[0, 1]", *naming("sweep-tiny", "sweep")]))
     with open(out / "sweep.csv", newline="") as f:
         rows = [{k: (v if k in ("method", "grid") else float(v)) for k, v in r.items()
-                 if k in ("method", "grid", "scale", "gamma", "seed", *METRICS)} for r in csv.DictReader(f)]
+                 if k in ("method", "grid", "scale", "gamma", "seed", "fid_lo", "fid_hi", *METRICS)}
+                for r in csv.DictReader(f)]
     (fit_run,) = offline_runs(root / "diff")
     (sweep_run,) = offline_runs(root / "logs")
     return {"fit": fit_run, "sweep": sweep_run, "rows": rows, "fit_dir": diffusion.parent.parent, "console": console}
@@ -114,6 +115,9 @@ def test_summary_holds_each_methods_best_scale_not_the_last_cell(study):
         assert summary[f"{key}/best_seeds"] == 2
         fids = [r["fid"] for r in rows if r["method"] == method and r["scale"] == scale]
         assert math.isclose(summary[f"{key}/best_fid_std"], statistics.stdev(fids), rel_tol=1e-6)
+        for end in ("lo", "hi"):  # the 95% interval over samples, averaged over seeds
+            ends = [r[f"fid_{end}"] for r in rows if r["method"] == method and r["scale"] == scale]
+            assert math.isclose(summary[f"{key}/best_fid_{end}"], statistics.mean(ends), rel_tol=1e-9)
         for r in (r for r in rows if r["method"] == method and r["scale"] == scale):
             # Every per-cell key shows the best scale's cell of that seed, whatever was logged last.
             for m in METRICS:
