@@ -188,12 +188,16 @@ def metrics_vs_scale(rows: list[dict], directory: Path, title: str) -> Path:
 
 
 def zoom_range(rows: list[dict]) -> tuple[float, float]:
-    """The γ range where the methods compete: up to the shortest method's largest γ, or the furthest best-FID γ."""
+    """The γ range where the methods compete: from the median over methods of their smallest γ to the median of
+    their largest, so neither the unconditional end (CFG s = 0, FID far above the rest) nor one method swept far
+    out (CG on the unconditional branch, clean-classifier CG at s = 128) stretches the zoom back to the full
+    range; those cells stay in the full-range panel."""
     fid = aggregate(rows, "fid")
-    ends = [max(p[1] for p in pts) for pts in fid.values()]
-    bests = [pts[best_index([p[2] for p in pts])][1] for pts in fid.values()]
-    lo = min(p[1] for pts in fid.values() for p in pts)
-    hi = max(min(ends), max(bests))
+    starts = sorted(min(p[1] for p in pts) for pts in fid.values())
+    ends = sorted(max(p[1] for p in pts) for pts in fid.values())
+    lo, hi = starts[len(starts) // 2], ends[(len(ends) - 1) // 2]  # upper / lower medians: with two methods,
+    if hi <= lo:  # the span both share; if they share none, the whole range
+        lo, hi = starts[0], ends[-1]
     pad = 0.05 * ((hi - lo) or 1.0)
     return lo - pad, hi + pad
 
