@@ -33,7 +33,8 @@ def sweep_args(diffusion_ckpt: Path, classifier_ckpt: Path, out: Path, cache: Pa
             "--config", str(CONFIGS / "digits_sweep.yaml"), f"--ckpt_path={diffusion_ckpt}",
             f"--sweep.classifier_ckpt={classifier_ckpt}", f"--sweep.output_dir={out}", f"--sweep.cache_dir={cache}",
             f"--sweep.methods={json.dumps(list(scales))}", f"--sweep.scales={json.dumps(scales)}",
-            "--sweep.num_samples=30", "--sweep.sampling.steps=3", "--sweep.grid_size=10", "--sweep.progress=false",
+            "--sweep.num_samples=30", "--sweep.sampling.steps=3", "--sweep.seeds=[0]", "--sweep.grid_size=10",
+            "--sweep.progress=false",
             f"--trainer.logger.init_args.save_dir={save_dir}", *extra]
 
 

@@ -166,7 +166,8 @@ def test_sweep_runs_every_n_epochs_during_fit_and_at_the_end(trained, tmp_path):
     args = ["fit", "--config", str(CONFIGS / "digits_diffusion.yaml"), *TINY_NET, *FAST_TRAINER,
             "--config", str(CONFIGS / "digits_sweep.yaml"), "--trainer.max_steps=10", "--data.batch_size=256",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--sweep.methods=[cfg]", '--sweep.scales={"cfg": [1.0]}',
-            "--sweep.every_n_epochs=1", "--sweep.num_samples=10", "--sweep.sampling.steps=2", "--sweep.progress=false",
+            "--sweep.every_n_epochs=1", "--sweep.num_samples=10", "--sweep.sampling.steps=2", "--sweep.seeds=[0]",
+            "--sweep.progress=false",
             f"--sweep.cache_dir={trained['cache']}"]
     cli = main(args)
     (csv_path,) = tmp_path.glob("guidelab/*/sweep/sweep.csv")  # next to the run's checkpoints/
@@ -202,7 +203,7 @@ def test_trainer_free_sweep_command_ends_with_the_summary_and_paths(trained, tmp
             "--sweep.classifier_ckpt", str(trained["classifier"]), "--sweep.methods", "[cfg, cg_cond, cg_uncond]",
             "--sweep.scales",
             '{"cfg": [0, 2], "cg_cond": [1], "cg_uncond": [2]}', "--sweep.num_samples", "12",
-            "--sweep.sampling.steps", "2", "--sweep.output_dir", str(tmp_path / "out"),
+            "--sweep.sampling.steps", "2", "--sweep.seeds", "[0]", "--sweep.output_dir", str(tmp_path / "out"),
             "--sweep.cache_dir", str(trained["cache"]), "--sweep.progress", "false"]
     rows = sweep_main(argv)
     out = capsys.readouterr().out

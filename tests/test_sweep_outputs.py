@@ -206,3 +206,16 @@ def test_matched_strength_interpolates_where_each_method_reaches_the_common_accu
     best = {b["method"]: b for b in summary(rows)}  # default level 0.99: cfg reaches it, cg_cond (0.94) never
     assert best["cfg"]["matched_accuracy"] == 0.99 and best["cfg"]["matched_scale"] == pytest.approx(3.0)
     assert math.isnan(best["cg_cond"]["matched_scale"])
+
+
+def test_the_gamma_zoom_spans_the_range_most_methods_share():
+    """Neither CFG's unconditional end (γ = 0) nor a method swept far out (clean CG to s = 128) stretches the
+    zoom: it runs from the median first γ to the median last γ over methods."""
+    from lightning_modules.sweep.plots import zoom_range
+
+    grids = {"cfg": [0, 1, 1.25, 2, 3], "cg_cond": [0, 0.5, 2], "autoguidance": [1, 1.5, 3], "cg_clean": [0, 8, 128]}
+    rows = [row(m, s, 0) for m, scales in grids.items() for s in scales]
+    assert zoom_range(rows) == pytest.approx((0.9, 3.1))  # [1, 3] and 5% padding (cg_cond's γ is 1 + s)
+    # Two methods that share no γ: the whole range.
+    disjoint = [row("cfg", 0, 0), row("cfg", 2, 0), row("cg_uncond", 4, 0), row("cg_uncond", 8, 0)]
+    assert zoom_range(disjoint) == pytest.approx((-0.4, 8.4))
