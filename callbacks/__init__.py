@@ -1,11 +1,12 @@
 """Lightning callbacks: run directory and config saving, resumable checkpoints, the guidance sweep, training
 sample grids."""
 
+from .checkpoint_io import SafeCheckpointIO
 from .checkpointing import ExactResume, GuideSnapshots, LastCheckpoint
 from .config_saver import RunConfigSaver
 from .guidance_sweep import GuidanceSweep
 from .run_dir import run_dir
 from .sample_grids import SampleGrids
 
-__all__ = ["ExactResume", "GuideSnapshots", "GuidanceSweep", "LastCheckpoint", "RunConfigSaver", "SampleGrids",
-           "run_dir"]
+__all__ = ["ExactResume", "GuideSnapshots", "GuidanceSweep", "LastCheckpoint", "RunConfigSaver", "SafeCheckpointIO",
+           "SampleGrids", "run_dir"]

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_modules.files import atomic_copy, is_url
+
 
 class LastCheckpoint(ModelCheckpoint):
     """Owns `last.ckpt`: written every `every_n_train_steps` optimiser steps, after every validation and at the
@@ -105,7 +107,8 @@ class GuideSnapshots(Callback):
     """Keeps guide snapshots for autoguidance (Karras et al. 2024): at the given fractions of `max_steps` the
     whole module (network and its EMA) is saved as `guide-1of16.ckpt` etc. beside the fit's checkpoints, so a
     sweep can name `--sweep.guide_ckpt snapshot:1/16`. (EDM2's guides are the XS model at 1/16 of training, or
-    M at 1/8 for XXL.) Saved in `on_train_batch_end`, i.e. before that step's EMA update."""
+    M at 1/8 for XXL.) Saved in `on_train_batch_end`, i.e. before that step's EMA update. A fit resumed into
+    another directory copies the resumed checkpoint's earlier snapshots into its own."""
 
     def __init__(self, fractions: list[str] = ("1/16", "1/8", "1/4")) -> None:
         self.fractions = list(fractions)
@@ -120,6 +123,21 @@ class GuideSnapshots(Callback):
             num, den = (int(v) for v in f.split("/"))
             out.setdefault(max(1, round(trainer.max_steps * num / den)), []).append(f.replace("/", "of"))
         return out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed into a new run directory: the snapshots taken before the resumed step are in the old
+        # one and would never be taken again, so `snapshot:1/16` would name nothing here. Copy them over.
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if not (trainer.ckpt_path and dirpath and trainer.is_global_zero) or is_url(trainer.ckpt_path):
+            return
+        old, new = Path(trainer.ckpt_path).parent, Path(dirpath)
+        if old.resolve() == new.resolve():
+            return
+        for step, names in self._targets(trainer).items():
+            for name in names if step <= trainer.global_step else ():
+                src, dst = old / f"guide-{name}.ckpt", new / f"guide-{name}.ckpt"
+                if src.is_file() and not dst.exists():
+                    atomic_copy(src, dst)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         names = self._targets(trainer).get(trainer.global_step, [])

@@ -8,7 +8,6 @@ directory) is checked in `setup`, before any training or sampling.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -24,19 +23,17 @@ from lightning_modules.sweep import (
     Network,
     SweepConfig,
     SweepModels,
-    SweepStore,
     build_evaluation,
     check_extractor_available,
     check_writable,
     format_table,
     resolve_extractor,
-    run_sweep,
 )
-from lightning_modules.sweep.models import load_guide, load_helper_networks
-from lightning_modules.sweep.report import write_outputs
+from lightning_modules.sweep.loading import load_guide, load_helper_networks
+from lightning_modules.sweep.orchestration import protocol_of, sweep_and_report
 
 from .run_dir import run_dir
-from .sweep_wandb import add_tags, log_cell, log_sweep, sweep_tags
+from .sweep_wandb import WandbSweepLogger, add_tags, sweep_tags
 
 PRINT_COLUMNS = ["method", "scale", "gamma", "seed", "fid", "kid", "score", "precision", "recall", "accuracy",
                  "nfe_per_sample", "classifier_grads_per_sample", "seconds"]
@@ -65,8 +62,6 @@ class GuidanceSweep(Callback):
         self.guide: Network | None = None
         self.clean_classifier: Network | None = None
         self.evaluation: Evaluation | None = None
-        self.last_rows: list[dict] = []
-        self.last_output_dir: Path | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -127,14 +122,6 @@ class GuidanceSweep(Callback):
         bf16 = str(trainer.precision).startswith("bf16") if precision == "auto" else precision == "bf16"
         return torch.bfloat16 if bf16 else None
 
-    def _protocol(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
-        """What report.md and the figures' titles need that the rows do not carry."""
-        data = trainer.datamodule
-        return {"dataset": getattr(data, "name", None), "dataset_id": getattr(data, "dataset_id", None),
-                "image_size": module.hparams.get("image_size"), "diffusion": trainer.ckpt_path,
-                "classifier": self.config.classifier_ckpt, "guidance": asdict(self.config.guidance),
-                "precision": "bf16" if self._autocast(trainer) is not None else "32"}
-
     def run(self, trainer: L.Trainer, module: L.LightningModule) -> list[dict]:
         """Run every cell not yet in sweep.csv; returns all rows of this signature (rank 0; [] elsewhere)."""
         if not self.config.methods:
@@ -142,32 +129,27 @@ class GuidanceSweep(Callback):
         with torch.inference_mode(False), torch.no_grad():
             device = module.device
             evaluation = self._prepare_evaluation(trainer, device)
-            if self.classifier is not None:
-                self.classifier.net.to(device)
             if self.config.needs_guide and self.guide is None:  # a snapshot the fit made after setup
                 self.guide = load_guide(self.config, dict(module.hparams), self._guide_base(trainer))
-            for network in (self.guide, self.clean_classifier):
-                if network is not None:
-                    network.net.to(device)
             models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier,
-                                 self.guide, self.clean_classifier)
+                                 self.guide, self.clean_classifier).to(device)
             out_dir = Path(trainer.strategy.broadcast(str(self._output_dir(trainer))))  # rank 0's run dir
-            store = SweepStore(out_dir) if trainer.is_global_zero else None
             wandb_run = _wandb_run(trainer)
             if wandb_run is not None:
                 add_tags(wandb_run, sweep_tags(self.config, getattr(trainer.datamodule, "name", None)))
-            classes = models.num_classes
-            on_cell = (lambda row, grid: log_cell(wandb_run, row, grid, classes)) if wandb_run is not None else None
-            rows = run_sweep(self.config, models, evaluation, store, dist=TrainerDistributed(trainer),
-                             autocast_dtype=self._autocast(trainer), on_cell=on_cell)
-            if trainer.is_global_zero and rows:
-                plots = write_outputs(rows, out_dir, self._protocol(trainer, module), _class_names(trainer))
-                if wandb_run is not None:
-                    log_sweep(wandb_run, rows, plots, grid_dir=out_dir)
-                print(f"\nGuidance sweep ({out_dir / 'sweep.csv'}):\n{format_table(rows, PRINT_COLUMNS)}\n"
-                      f"report: {out_dir / 'report.md'}")
-            self.last_rows, self.last_output_dir = rows, out_dir
-            return rows
+            data, bf16 = trainer.datamodule, self._autocast(trainer)
+            protocol = protocol_of(self.config, dataset=getattr(data, "name", None),
+                                   dataset_id=getattr(data, "dataset_id", None),
+                                   image_size=module.hparams.get("image_size"), diffusion=trainer.ckpt_path,
+                                   bf16=bf16 is not None)
+            outcome = sweep_and_report(
+                self.config, models, evaluation, out_dir, protocol, _class_names(trainer),
+                dist=TrainerDistributed(trainer), autocast_dtype=bf16,
+                logger=WandbSweepLogger(wandb_run, models.num_classes) if wandb_run is not None else None)
+            if trainer.is_global_zero and outcome.rows:
+                print(f"\nGuidance sweep ({outcome.csv}):\n{format_table(outcome.rows, PRINT_COLUMNS)}\n"
+                      f"report: {outcome.report}")
+            return outcome.rows
 
 
 def _class_names(trainer: L.Trainer) -> list[str] | None:

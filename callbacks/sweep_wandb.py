@@ -73,6 +73,20 @@ def log_cell(run: Any, row: dict, grid: Tensor, columns: int = 10) -> None:
     run.log(payload)
 
 
+class WandbSweepLogger:
+    """The sweep orchestration's W&B side (lightning_modules.sweep.orchestration.SweepLogger): each cell as it is
+    stored, then the charts, tables, plots and the best-scale summary."""
+
+    def __init__(self, run: Any, num_classes: int) -> None:
+        self.run, self.num_classes = run, num_classes
+
+    def cell(self, row: dict, grid: Tensor | None) -> None:
+        log_cell(self.run, row, grid, self.num_classes)
+
+    def sweep(self, rows: list[dict], figures: list[Path], out_dir: Path) -> None:
+        log_sweep(self.run, rows, figures, grid_dir=out_dir)
+
+
 def log_sweep(run: Any, rows: list[dict], plot_paths: list[Path], grid_dir: Path | None = None) -> None:
     """The all-method charts with error bars, their table, the table of every cell, the PNGs; then the summary.
 

@@ -4,12 +4,8 @@ Images come out as float32 (C, H, W) in [-1, 1], labels as int64. Nothing is dow
 ``download=True``; missing files raise one FileNotFoundError that names the files, the directory and the fix.
 """
 
-import hashlib
-import os
-import pickle
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Literal
 
 import lightning.pytorch as L
 import torch
@@ -25,6 +21,14 @@ from datamodules.datasets import (
     TensorImageDataset,
     collate_batch,
 )
+from datamodules.sources import CIFAR as _CIFAR
+from datamodules.sources import IMG_EXTENSIONS as _IMG_EXTENSIONS
+from datamodules.sources import MNIST_FILES as _MNIST_FILES
+from datamodules.sources import PICKLE_ALLOWED as _PICKLE_ALLOWED  # noqa: F401 (kept importable from here)
+from datamodules.sources import CifarUnpickler as _CifarUnpickler  # noqa: F401 (kept importable from here)
+from datamodules.sources import content_fingerprint, load_split, scan_images
+from datamodules.sources import load_pickle as _load_pickle
+from lightning_modules.diffusion.options import OptionError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
 # name -> (num_classes, native image size, channels): constants, so the CLI can link them before setup().
@@ -37,17 +41,9 @@ _SPECS = {
 }
 # Mirror-imaging a digit or a garment label can change what it depicts ("2" vs "S"); natural images are safe.
 _NO_FLIP = ("digits", "mnist", "fashion_mnist")
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-# name -> (sub-folder, train files, test files, meta file, meta key for class names, label key)
-_CIFAR = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "label_names", "labels"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
-}
 _FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_DATA_OPTION = "data.data_dir"  # the option named when the files themselves are unusable
 
 
 def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -63,78 +59,13 @@ def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Te
     return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
-def _stat_fingerprint(base: Path, paths: Iterable[Path], salt: str = "") -> str:
-    """12 hex of a hash over each file's (path relative to `base`, size, mtime_ns): one stat per file, no read.
-
-    Part of `dataset_id`, which keys the reference-feature and evaluator caches: changed, added or removed
-    files give another id, so those caches are never served for other data under the same name.
-    """
-    h = hashlib.sha256(salt.encode())
-    for rel, path in sorted((p.relative_to(base).as_posix(), p) for p in paths):
-        try:
-            st = path.stat()  # follows links, as the loaders do
-            meta = f"{st.st_size}:{st.st_mtime_ns}"
-        except OSError:  # absent or a dangling link: still part of the identity
-            meta = "missing"
-        h.update(f"{rel}\0{meta}\n".encode())
-    return h.hexdigest()[:12]
-
-
-def _folder_images(roots: Iterable[Path]) -> list[Path]:
-    """Image files under the class folders of `roots`: what torchvision's make_dataset loads (links followed)."""
-    found: list[Path] = []
-    for root in roots:
-        for class_dir in (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for dirpath, _, names in os.walk(class_dir, followlinks=True):
-                found += [Path(dirpath) / n for n in names if n.lower().endswith(_IMG_EXTENSIONS)]
-    return found
-
-
-# Globals a CIFAR batch may name: numpy array/scalar reconstruction (numpy 1 and 2 module paths), builtin
-# containers (Python 2 names too: find_class sees them before pickle's own renaming) and _codecs.encode,
-# which Python 3 uses to write bytes at protocol <= 2. Anything else (os.system, eval, ...) is refused.
-_PICKLE_ALLOWED = {
-    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
-    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    *((mod, name) for mod in ("builtins", "__builtin__") for name in ("set", "frozenset", "bytearray")),
-}
-
-
-class _CifarUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only `_PICKLE_ALLOWED`: a crafted batch file cannot run code."""
-
-    def __init__(self, file: BinaryIO, path: Path) -> None:
-        super().__init__(file, encoding="bytes")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(
-                f"{self._path}: refused global {module}.{name} - a CIFAR batch holds only numpy arrays, lists "
-                "and dicts, so this file is not an official CIFAR pickle (tampered or wrong file). Fix: delete "
-                "it and re-extract the official archive (or pass --data.download=true).")
-        return super().find_class(module, name)
-
-
-def _load_pickle(path: Path) -> dict:
-    # The official files are Python 2 pickles: encoding="bytes" is what the CIFAR page prescribes; keys and
-    # strings then come back as bytes, which we decode so Python-3-written files read the same way.
-    # Plain pickle.load would execute whatever a crafted file names: the restricted unpickler refuses it.
-    with open(path, "rb") as f:
-        raw = _CifarUnpickler(f, path).load()
-    if not isinstance(raw, dict):
-        raise pickle.UnpicklingError(f"{path}: expected a dict (a CIFAR batch), got {type(raw).__name__}. "
-                                     "Fix: re-extract the official archive.")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
-
-
 class ImageDataModule(L.LightningDataModule):
     """Train/val images in [-1, 1] for digits, MNIST, Fashion-MNIST, CIFAR-10/100 or an image folder.
 
     ``num_classes``, ``image_size``, ``channels``, ``dataset_id`` and ``class_names`` are known right after
-    construction. MNIST/Fashion-MNIST/CIFAR use the official test split as val (``val_fraction`` and ``seed``
-    do not apply); digits and a folder without ``train/``+``val/`` are split by ``seed`` and ``val_fraction``.
+    construction (``dataset_id`` hashes the files on first use; a folder's images are then also checked).
+    MNIST/Fashion-MNIST/CIFAR use the official test split as val (``val_fraction`` and ``seed`` do not apply);
+    digits and a folder without ``train/``+``val/`` are split by ``seed`` and ``val_fraction``.
     Folder images are always decoded as RGB (channels = 3), resized on the short side and center-cropped;
     without ``image_size`` they keep the short side of the first image.
 
@@ -183,25 +114,27 @@ class ImageDataModule(L.LightningDataModule):
         self._splits: dict[str, tuple] | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
+        self._dataset_id: str | None = None  # the content fingerprint is computed once, on first use
+        self._folder: tuple[list, list | None, str] | None = None  # (train, val, fingerprint) once scanned
 
         if name == "folder":
             self._train_root, self._val_root = self._folder_roots()
             self._class_names = self._scan_classes(self._train_root)
+            if len(self._class_names) < 2:
+                self._too_few_classes(self._class_names)
             self.num_classes, self.channels = len(self._class_names), 3
             self.image_size = image_size or self._first_image_size(self._train_root)
-            # Class names and every image file's (path, size, mtime): new or edited images, same folder name,
-            # must not reuse cached reference features or evaluators.
-            roots = [self._train_root] + ([self._val_root] if self._val_root else [])
-            tag = _stat_fingerprint(self.data_dir, _folder_images(roots), salt="\n".join(self._class_names))
             split = "trainval" if self._val_root else f"seed{seed}-val{val_fraction:g}"
-            self.dataset_id = f"folder-{self.data_dir.resolve().name}-{tag}-{self.image_size}px-c3-{split}"
+            self._id_prefix = f"folder-{self.data_dir.resolve().name}-{{tag}}-{self.image_size}px-c3-{split}"
         else:
             self.num_classes, native, self.channels = _SPECS[name]
             self.image_size = image_size or native
             split = f"seed{seed}-val{val_fraction:g}" if name == "digits" else "official"
-            self.dataset_id = f"{name}-{self.image_size}px-c{self.channels}-{split}"
-            if name != "digits":  # digits ships inside scikit-learn; the others are files in data_dir, any data_dir
-                self.dataset_id += f"-{_stat_fingerprint(self.data_dir, self._data_files())}"
+            self._id_prefix = f"{name}-{self.image_size}px-c{self.channels}-{split}"
+            if name == "digits":  # digits ships inside scikit-learn: no files to fingerprint
+                self._dataset_id = self._id_prefix
+            else:  # the others are files in data_dir, any data_dir
+                self._id_prefix += "-{tag}"
             if name in ("digits", "mnist"):
                 self._class_names = [str(i) for i in range(10)]
             elif name == "fashion_mnist":
@@ -210,6 +143,52 @@ class ImageDataModule(L.LightningDataModule):
                 self._raise_if_missing()  # fail at construction, before any model is built
 
     # ------------------------------------------------------------------ files
+    @property
+    def dataset_id(self) -> str:
+        """Names the data for the reference-feature and evaluator caches: name, size, split and a SHA-256 over
+        the files' bytes (plus relative paths and labels), so edited images never reuse stale cached features,
+        even when `cp -p` / `rsync -a` keep their size and mtime. Hashed once per instance (setup uses it)."""
+        if self._dataset_id is None:
+            if self.name == "folder":
+                tag = self._scan_folder()[2]
+            else:
+                tag = content_fingerprint(self.data_dir, self._data_files())
+                if self._missing_files():  # not final: a later download changes the files
+                    return self._id_prefix.format(tag=tag)
+            self._dataset_id = self._id_prefix.format(tag=tag)
+        return self._dataset_id
+
+    def _check_classes(self, labels: list[int]) -> None:
+        # Guidance contrasts classes: a model trained on one class is one no guidance can steer.
+        present = sorted(set(labels))
+        if len(present) < 2:
+            self._too_few_classes([self.class_names[y] for y in present] if self.name == "folder" else present)
+
+    def _too_few_classes(self, present: list) -> None:
+        where = (f"the image folder {self._train_root} has {len(present)} class(es) {present}"
+                 if self.name == "folder" else f"the {self.name} training files in {self.data_dir} hold "
+                 f"label(s) {present}")
+        fix = ("put each class's images in its own sub-folder, data_dir/<class>/<image>, with at least 2 "
+               "classes holding images" if self.name == "folder"
+               else "re-extract the official archive into data_dir (or pass --data.download=true)")
+        raise OptionError(_DATA_OPTION, f"{where}; class guidance needs at least 2 classes", fix)
+
+    def _scan_folder(self) -> tuple[list, list | None, str]:
+        """(train samples, val samples or None, fingerprint): every image hashed and decoded once, so a corrupt
+        file stops setup with its name instead of killing an epoch; memoised per instance."""
+        if self._folder is None:
+            train = self._folder_samples(self._train_root)
+            val = self._folder_samples(self._val_root) if self._val_root is not None else None
+            tag, bad = scan_images(self.data_dir, train + (val or []), salt="\n".join(self._class_names or []))
+            if bad:
+                shown = "; ".join(f"{p} ({why})" for p, why in bad[:5])
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                raise OptionError(_DATA_OPTION, f"{len(bad)} image(s) in {self.data_dir} cannot be read: "
+                                  f"{shown}{more}", "replace or delete these files (re-copy them from the "
+                                  "source), then run again")
+            self._folder = (train, val, tag)
+        return self._folder
+
     @property
     def class_names(self) -> list[str]:
         """Class names in label order (CIFAR names are read from the dataset's meta file)."""
@@ -275,8 +254,13 @@ class ImageDataModule(L.LightningDataModule):
         for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for path in sorted(class_dir.rglob("*")):
                 if path.suffix.lower() in _IMG_EXTENSIONS:
-                    with Image.open(path) as img:  # reads the header only
-                        return min(img.size)
+                    try:
+                        with Image.open(path) as img:  # reads the header only
+                            return min(img.size)
+                    except Exception as err:  # the same one-message error the full scan at setup gives
+                        raise OptionError(_DATA_OPTION, f"image {path} cannot be read ({type(err).__name__}: "
+                                          f"{err})", "replace or delete it (re-copy it from the source), or "
+                                          "set data.image_size") from err
         raise FileNotFoundError(f"No images ({', '.join(_IMG_EXTENSIONS)}) under {root}.")
 
     def _folder_samples(self, root: Path) -> list[tuple[str, int]]:
@@ -308,23 +292,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         """Official split as (uint8 (N, C, H, W), int64 (N,))."""
-        if self.name in ("mnist", "fashion_mnist"):
-            import torchvision.datasets as tvd
-
-            # torchvision's own IDX reader; it checks only that the raw files exist (no md5).
-            cls = tvd.MNIST if self.name == "mnist" else tvd.FashionMNIST
-            ds = cls(str(self.data_dir), train=train, download=False)
-            return ds.data.unsqueeze(1).contiguous(), ds.targets.long()
-        # CIFAR: torchvision's CIFAR10/100 verify the md5 of every pickle on load, which rejects any tiny
-        # test file in the real format; the format itself is a few lines to read, so we read it here and
-        # use torchvision only to download.
-        folder, train_files, test_files, _, _, label_key = _CIFAR[self.name]
-        images, labels = [], []
-        for fname in train_files if train else test_files:
-            entry = _load_pickle(self.data_dir / folder / fname)
-            images.append(torch.as_tensor(entry["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-            labels.append(torch.as_tensor(entry[label_key], dtype=torch.long))
-        return torch.cat(images), torch.cat(labels)
+        return load_split(self.name, self.data_dir, train)
 
     def setup(self, stage: str | None = None) -> None:
         """Load both splits once (idempotent) and build the train (augmented) and val datasets."""
@@ -339,10 +307,9 @@ class ImageDataModule(L.LightningDataModule):
             tr, va = stratified_split(labels, self.val_fraction, self.seed)
             self._splits = {"train": (images[tr], labels[tr]), "val": (images[va], labels[va])}
         elif self.name == "folder":
-            train = self._folder_samples(self._train_root)
-            if self._val_root is not None:
-                val = self._folder_samples(self._val_root)
-            else:
+            train, val, _ = self._scan_folder()
+            self._check_classes([y for _, y in train])
+            if val is None:
                 tr, va = stratified_split(torch.tensor([y for _, y in train]), self.val_fraction, self.seed)
                 train, val = [train[i] for i in tr.tolist()], [train[i] for i in va.tolist()]
             if not train or not val:
@@ -353,7 +320,10 @@ class ImageDataModule(L.LightningDataModule):
             if self._missing_files():
                 self.prepare_data()  # only downloads when download=True (e.g. setup() called by hand)
             self._raise_if_missing()
-            self._splits = {"train": self._load_split(True), "val": self._load_split(False)}
+            _ = self.dataset_id  # fingerprint the files now, next to reading them
+            splits = {"train": self._load_split(True), "val": self._load_split(False)}
+            self._check_classes(splits["train"][1].tolist())
+            self._splits = splits
         self.train_dataset = self._make_dataset("train", augment=True)
         self.val_dataset = self._make_dataset("val", augment=False)
 

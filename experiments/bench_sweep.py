@@ -281,7 +281,7 @@ def step_timings(models: SweepModels, args, unet_flops: float, peak: float | Non
 
     def run(mode: str | None) -> None:
         with autocast(device, args.dtype):
-            sample(den, models.shape, keys, steps, "ddim", compile=mode)
+            sample(den, models.shape, keys, SamplerOptions(steps=steps, compile=mode))
 
     records, eager_ms = [], None
     with torch._dynamo.config.patch(**DYNAMO_LIMITS):
@@ -315,12 +315,12 @@ def sync_check(models: SweepModels, device: torch.device, dtype: str) -> dict:
     den = GuidedDenoiser(models.diffusion.net, models.schedule, labels, models.num_classes, "cfg+cg",
                          [(0.0, 1.0, 2.0, 3.0)[i % 4] for i in range(n)], grad_fn=models.grad_fn,
                          prediction=models.prediction, options=GuidanceOptions(interval=(0, 600)))
-    sample(den, models.shape, keys, 3, "ddim")  # warm-up: lazy initialisation may sync once
+    sample(den, models.shape, keys, SamplerOptions(steps=3))  # warm-up: lazy initialisation may sync once
     try:
         torch.cuda.set_sync_debug_mode("error")
         with autocast(device, dtype):
             for sampler in ("ddim", "ddpm"):
-                sample(den, models.shape, keys, 3, sampler)
+                sample(den, models.shape, keys, SamplerOptions(sampler, steps=3))
     except RuntimeError as err:
         return {**record, "host_sync_free": False, "error": str(err)[:300]}
     finally:

@@ -27,8 +27,10 @@ from unittest import mock
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from experiments.sweep import sweep as sweep_cli
 from experiments.train import main as train_cli
 from experiments.trends import check_trends
+from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import SUMMARY_COLUMNS, SUMMARY_TITLE, format_table, summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
@@ -67,13 +69,24 @@ def fit_stage(root: Path, name: str, args: list[str], group: str | None = None) 
     """
     import torch
 
-    def saved_step(path: Path) -> int:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    def saved_step(path: Path) -> int | None:
+        """The step `path` holds; None if it cannot be read (empty or truncated by a kill or a full disk)."""
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+        except Exception:
+            return None
 
     directory = stage_dir(root, name, args)
     last, done = directory / "checkpoints" / "last.ckpt", directory / "done.json"
+    saved = saved_step(last) if last.exists() else None
+    if last.exists() and saved is None:  # not finished, whatever done.json says; kept aside, not deleted
+        aside = last.with_name(last.name + ".corrupt")
+        os.replace(last, aside)
+        done.unlink(missing_ok=True)
+        print(f"[{name}] {last} cannot be read (empty or truncated): moved to {aside.name}, training from scratch",
+              flush=True)
     if done.exists() and last.exists():
-        recorded, saved = json.loads(done.read_text()).get("global_step"), saved_step(last)
+        recorded = json.loads(done.read_text()).get("global_step")
         if recorded == saved:
             print(f"[{name}] reusing finished stage {directory} (step {saved})", flush=True)
             return last
@@ -152,17 +165,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                           ("--sweep.seeds", args.seeds)):
         if value is not None:  # otherwise the recipe's
             base += [option, json.dumps(value)]
-    sweep_args = [*base, *args.extra]
-    sweep_dir = stage_dir(root, "sweep", [*sweep_args, str(diffusion)])
+    sweep_dir = stage_dir(root, "sweep", [*base, *args.extra, str(diffusion)])
     print(f"[sweep] CFG vs CG -> {sweep_dir}", flush=True)
-    # W&B names before --extra, so an --extra logger swap (e.g. configs/logger/csv.yaml) drops them.
-    run = cli([*base, *wandb_args(sweep_dir, "sweep", group), *args.extra, "--sweep.output_dir", str(sweep_dir),
-               "--trainer.logger.init_args.save_dir", str(sweep_dir), "--trainer.enable_checkpointing=false"],
-              run=False)
-    run.trainer.validate(run.model, run.datamodule, ckpt_path=str(diffusion), verbose=False)
-    sweep = next(c for c in run.trainer.callbacks if type(c).__name__ == "GuidanceSweep")
-    rows = sweep.last_rows
-    finish_wandb(run.trainer)
+    # The sweep stage runs without a Trainer (experiments.sweep, the same orchestration as every entry point):
+    # a --trainer.* override has nothing to act on.
+    ignored = [a for a in args.extra if a.startswith("--trainer.")]
+    if ignored:
+        print(f"[sweep] ignoring {' '.join(ignored)} (the sweep stage has no Trainer)", flush=True)
+    extra = [a for a in args.extra if not a.startswith("--trainer.")]
+    done = sweep_cli(["--diffusion", str(diffusion), *base[len(diff_args):], *extra,
+                      "--sweep.output_dir", str(sweep_dir), "--wandb", "true", "--wandb_group", group,
+                      "--wandb_tags", json.dumps(["digits", "compare"])])
+    rows = done.outcome.rows
 
     best = summary(rows)
     print(f"\n== {SUMMARY_TITLE} ==")
@@ -176,20 +190,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(line)
     wandb_dir = max(sweep_dir.glob("wandb/offline-run-*"), default=sweep_dir / "wandb")  # the newest (timestamped)
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
-    extractor = sweep.evaluation.extractor if sweep.evaluation is not None else None
+    extractor = done.evaluation.extractor
     if hasattr(extractor, "heldout_accuracy"):
         print(f"evaluator held-out accuracy: {extractor.heldout_accuracy:.3f}")
     print(f"classifier checkpoint: {classifier}")
     print(f"clean classifier:      {clean}")
     print(f"diffusion checkpoint:  {diffusion}")
-    print(f"report:                {sweep_dir / 'report.md'}  (tables, figures, protocol, cost)")
-    print(f"plots:                 {sweep_dir}/best_fid_vs_cost.png, metrics_vs_gamma.png, metrics_vs_scale.png, "
-          "front_*.png")
-    print(f"sample grids:          {sweep_dir}/grids/<method>_seed<k>.png")
-    print(f"W&B run (offline):     {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")
-    print(f"sweep table:           {sweep_dir / 'sweep.csv'}")
+    if os.environ.get("WANDB_MODE") != "disabled":
+        print(f"W&B run ({os.environ.get('WANDB_MODE')}): {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")
+    print("\n".join(done.outcome.path_lines()))
     return rows
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except OptionError as err:  # a bad setting or an output that could not be written: one message
+        sys.exit(f"error: {err}")

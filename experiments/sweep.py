@@ -15,30 +15,30 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from callbacks.sweep_wandb import WandbSweepLogger
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import (
     SUMMARY_COLUMNS,
     SUMMARY_TITLE,
+    Evaluation,
     SweepConfig,
     SweepModels,
-    SweepStore,
     build_evaluation,
     check_extractor_available,
     check_writable,
     format_table,
     load_diffusion,
     resolve_extractor,
-    run_sweep,
     summary,
 )
-from lightning_modules.sweep.models import load_helper_networks, read_checkpoint
-from lightning_modules.sweep.report import write_outputs
+from lightning_modules.sweep.loading import load_helper_networks, read_checkpoint
+from lightning_modules.sweep.orchestration import SweepOutcome, protocol_of, sweep_and_report
 
 
 def parser() -> ArgumentParser:
@@ -48,6 +48,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--data_dir", type=str | None, default=None, help="where the training data now lives")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--wandb", type=bool, default=False, help="also log the sweep as a W&B run (job type 'sweep')")
+    p.add_argument("--wandb_group", type=str | None, default=None, help="W&B group (default: $WANDB_RUN_GROUP)")
+    p.add_argument("--wandb_tags", type=list[str], default=[], help="extra W&B tags")
     p.add_argument("--trainer", type=dict | None, default=None, help="ignored: a LightningCLI recipe's trainer")
     p.add_class_arguments(SweepConfig, "sweep", instantiate=True)
     return p
@@ -65,7 +67,16 @@ def datamodule_from(path: str, image_size: int, data_dir: str | None):
     return ImageDataModule(**kwargs, image_size=image_size)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+@dataclass
+class SweepRun:
+    """What `sweep(argv)` leaves for a caller that prints more (experiments.compare)."""
+
+    outcome: SweepOutcome
+    evaluation: Evaluation
+
+
+def sweep(argv: list[str] | None = None) -> SweepRun:
+    """Parse `argv` (this module's command line), check everything, run the sweep and write its outputs."""
     p = parser()
     args = p.instantiate(p.parse_args(argv))
     config: SweepConfig = args.sweep
@@ -73,42 +84,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error("no methods to sweep: give --sweep.methods '[cfg, cg_cond]' or a --config with sweep.methods")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     # Everything that can fail is checked before any sampling.
-    diffusion = load_diffusion(args.diffusion, device)
+    diffusion = load_diffusion(args.diffusion, device, option="diffusion")
     config.check(timesteps=diffusion.hparams["timesteps"])
     data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir)
     check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
     out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
     classifier, guide, clean = load_helper_networks(config, diffusion.hparams, args.diffusion, device)
-    models = SweepModels(diffusion, classifier, guide, clean)
-    store = SweepStore(out_dir)
+    models = SweepModels(diffusion, classifier, guide, clean).to(device)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
                                   config.reference_split, device)
     run = _wandb_run(config, args, out_dir, data.name) if args.wandb else None
-    on_cell = None
-    if run is not None:
-        from callbacks.sweep_wandb import log_cell
+    bf16 = config.precision == "bf16"
+    protocol = protocol_of(config, dataset=data.name, dataset_id=data.dataset_id,
+                           image_size=diffusion.hparams["image_size"], diffusion=args.diffusion, bf16=bf16)
+    try:
+        outcome = sweep_and_report(config, models, evaluation, out_dir, protocol, data.class_names,
+                                   autocast_dtype=torch.bfloat16 if bf16 else None,
+                                   logger=WandbSweepLogger(run, models.num_classes) if run is not None else None)
+    finally:
+        if run is not None:
+            run.finish()
+    return SweepRun(outcome, evaluation)
 
-        def on_cell(row, grid):
-            log_cell(run, row, grid, models.num_classes)
-    autocast = torch.bfloat16 if config.precision == "bf16" else None
-    rows = run_sweep(config, models, evaluation, store, autocast_dtype=autocast, on_cell=on_cell)
-    protocol = {"dataset": data.name, "dataset_id": data.dataset_id, "image_size": diffusion.hparams["image_size"],
-                "diffusion": args.diffusion, "classifier": config.classifier_ckpt,
-                "guidance": asdict(config.guidance), "precision": config.precision}
-    plots = write_outputs(rows, out_dir, protocol, data.class_names)
-    if run is not None:
-        from callbacks.sweep_wandb import log_sweep
 
-        log_sweep(run, rows, plots, grid_dir=out_dir)
-        run.finish()
+def main(argv: list[str] | None = None) -> list[dict]:
+    done = sweep(argv)
+    rows, outcome = done.outcome.rows, done.outcome
     print(f"\n== {SUMMARY_TITLE} ==")
     print(format_table(summary(rows), SUMMARY_COLUMNS))
-    print(f"\ndiffusion:   {args.diffusion} (step {diffusion.step}, sha {diffusion.sha})")
-    if classifier is not None:
-        print(f"classifier:  {config.classifier_ckpt} (step {classifier.step}, sha {classifier.sha})")
-    print(f"report:      {out_dir / 'report.md'} (tables, figures, protocol)")
-    print(f"sweep table: {store.csv_path}\nplots:       {out_dir}/best_fid_vs_cost.png (and metrics_vs_scale.png, "
-          f"metrics_vs_gamma.png, front_*.png)\ngrids:       {out_dir}/grids/ (<method>_seed<k>.png: scale × class)")
+    if rows:
+        r = rows[0]
+        print(f"\ndiffusion:   step {r['diffusion_step']}, sha {r['diffusion_sha']}")
+        if r.get("classifier_sha"):
+            print(f"classifier:  step {r['classifier_step']}, sha {r['classifier_sha']}")
+    print("\n".join(outcome.path_lines()))
     return rows
 
 
@@ -127,9 +136,10 @@ def _wandb_run(config: SweepConfig, args, out_dir: Path, dataset: str):
     options = json.loads(json.dumps({"sweep": dataclasses.asdict(config)}, default=str))
     out = out_dir.resolve()
     name = f"sweep-{out.parent.name}" if out.name == "sweep" else out.name  # default <run>/sweep: sweep-<run>
-    return wandb.init(project="guidelab", job_type="sweep", name=name, dir=str(out_dir),
-                      tags=sweep_tags(config, dataset), config={**flatten(options), "diffusion": args.diffusion,
-                                                                "data_dir": args.data_dir, "device": args.device})
+    return wandb.init(project="guidelab", job_type="sweep", name=name, dir=str(out_dir), group=args.wandb_group,
+                      tags=[*args.wandb_tags, *sweep_tags(config, dataset)],
+                      config={**flatten(options), "diffusion": args.diffusion, "data_dir": args.data_dir,
+                              "device": args.device})
 
 
 if __name__ == "__main__":

@@ -10,19 +10,21 @@ so a user never types them twice. `--sweep.*` are the options of lightning_modul
 
 from __future__ import annotations
 
+import importlib.util
 import sys
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from callbacks import GuidanceSweep, RunConfigSaver
+from callbacks.checkpoint_io import CheckpointTempCleanup, SafeCheckpointIO
 from callbacks.console import FitSummary, StepProgressBar, quiet_known_noise, tidy_wandb
 from datamodules import ImageDataModule
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import SweepConfig
-from lightning_modules.sweep.models import read_checkpoint
+from lightning_modules.sweep.loading import read_checkpoint
 
 
 class GuideCLI(LightningCLI):
@@ -34,11 +36,12 @@ class GuideCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads --ckpt_path here, first of all; a corrupt or unsafe file must fail naming itself.
+        # Lightning reads --ckpt_path here, first of all; a URL (Lightning would unpickle a download unchecked),
+        # a missing, empty, corrupt or unsafe file must fail naming itself.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():  # a missing file is Lightning's own clear error, later
-            read_checkpoint(path, "ckpt_path")
+        if path and not _lightning_ckpt_value(str(path)):
+            read_checkpoint(str(path), "ckpt_path")
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
@@ -52,10 +55,32 @@ class GuideCLI(LightningCLI):
             # that the checkpoint's dirpath changed.
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
             kwargs["enable_checkpointing"] = False
-        kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep"))]
+        kwargs["callbacks"] = [*callbacks, FitSummary(), GuidanceSweep(self._get(self.config_init, "sweep")),
+                               CheckpointTempCleanup()]
+        kwargs["plugins"] = _with_safe_checkpoint_io(config.get("plugins"))
         trainer = super().instantiate_trainer(**kwargs)
         tidy_wandb(trainer)
         return trainer
+
+
+def _lightning_ckpt_value(path: str) -> bool:
+    """Lightning's special --ckpt_path values, resolved by it to the run's own local checkpoints (read through
+    SafeCheckpointIO); `registry[:name]` only where litmodels is installed (otherwise Lightning takes it for a
+    file name)."""
+    registry = path.lower() == "registry" or path.lower().startswith("registry:")
+    return path in ("last", "best", "hpc") or (registry and importlib.util.find_spec("litmodels") is not None)
+
+
+def _with_safe_checkpoint_io(plugins: object) -> list:
+    """The user's trainer.plugins plus SafeCheckpointIO: every checkpoint is loaded weights_only and saved
+    atomically beside its target. Another CheckpointIO would silently undo both, so it is refused."""
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+    other = [p for p in plugins if isinstance(p, CheckpointIO) and not isinstance(p, SafeCheckpointIO)]
+    if other:
+        raise OptionError("trainer.plugins", f"{type(other[0]).__name__} would replace guidelab's checkpoint IO "
+                          "(weights_only loads, atomic saves beside the target)",
+                          "drop it, or subclass callbacks.checkpoint_io.SafeCheckpointIO")
+    return plugins if any(isinstance(p, SafeCheckpointIO) for p in plugins) else [*plugins, SafeCheckpointIO()]
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GuideCLI:

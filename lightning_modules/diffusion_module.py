@@ -153,7 +153,6 @@ class ConditionalDiffusion(L.LightningModule):
         shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
         enabled = autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=enabled):
-            images = sample(den, shape, keys.to(self.device), sampling.steps, sampling.sampler, sampling.eta,
-                            sampling.clip_x0, progress, compile=sampling.compile)
+            images = sample(den, shape, keys.to(self.device), sampling, progress=progress)  # options whole
         net.train(was_training)
         return images.float()

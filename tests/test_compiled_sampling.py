@@ -13,6 +13,7 @@ from lightning_modules.diffusion import (
     GuidanceOptions,
     GuidedDenoiser,
     NoiseSchedule,
+    SamplerOptions,
     cell_cost,
     classifier_grad,
     make_rule,
@@ -61,7 +62,7 @@ def _draw(nets, sampler="ddim", eta=0.0, compile=None, backend="aot_eager", offs
     rule = make_rule("cfg+cg", GuidanceOptions(**options))
     den = GuidedDenoiser(net, NoiseSchedule("cosine", 1000), idx % NUM_CLASSES, NUM_CLASSES, rule,
                          MIXED if scales is None else scales, grad_fn=grad_fn)
-    x = sample(den, (1, SIZE, SIZE), sample_keys(0, idx), 8, sampler, eta, compile=compile,
+    x = sample(den, (1, SIZE, SIZE), sample_keys(0, idx), SamplerOptions(sampler, 8, eta, compile=compile),
                compile_backend=backend)
     return x, den
 
@@ -121,7 +122,8 @@ def test_new_rules_compile_to_one_graph_per_step_kind(nets, method):
 
     def draw(compile):
         den = GuidedDenoiser(net, schedule, idx % NUM_CLASSES, NUM_CLASSES, method, scales, guide=net)
-        return sample(den, (1, SIZE, SIZE), sample_keys(0, idx), 6, "ddim", compile=compile, compile_backend=backend)
+        return sample(den, (1, SIZE, SIZE), sample_keys(0, idx), SamplerOptions(steps=6, compile=compile),
+                      compile_backend=backend)
 
     eager = draw(None)
     compiled = draw("default")

@@ -8,6 +8,7 @@ import torch
 from lightning_modules.diffusion import (
     GuidedDenoiser,
     NoiseSchedule,
+    SamplerOptions,
     keyed_normal,
     make_betas,
     respaced_timesteps,
@@ -100,7 +101,8 @@ def test_samplers_recover_a_known_gaussian(sampler, eta, steps):
     s = NoiseSchedule("linear", 1000)
     mu, sigma = 0.3, 0.5
     den = GuidedDenoiser(GaussianOracle(s, mu, sigma), s, torch.zeros(4000, dtype=torch.long), 10)
-    x = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)), steps, sampler, eta, clip_x0=False)
+    x = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)),
+               SamplerOptions(sampler, steps, eta, clip_x0=False))
     assert abs(x.mean().item() - mu) < 0.02
     assert abs(x.std().item() - sigma) < 0.03
 
@@ -110,8 +112,8 @@ def test_ddim_eta0_is_deterministic_and_paired_by_key():
     oracle = GaussianOracle(s, 0.0, 0.5)
     labels = torch.zeros(16, dtype=torch.long)
     keys = sample_keys(1, torch.arange(16))
-    a = sample(GuidedDenoiser(oracle, s, labels, 10), (1, 3, 3), keys, 20)
-    b = sample(GuidedDenoiser(oracle, s, labels, 10), (1, 3, 3), keys, 20)
+    a = sample(GuidedDenoiser(oracle, s, labels, 10), (1, 3, 3), keys, SamplerOptions(steps=20))
+    b = sample(GuidedDenoiser(oracle, s, labels, 10), (1, 3, 3), keys, SamplerOptions(steps=20))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    c = sample(GuidedDenoiser(oracle, s, labels[:5], 10), (1, 3, 3), keys[3:8], 20)
+    c = sample(GuidedDenoiser(oracle, s, labels[:5], 10), (1, 3, 3), keys[3:8], SamplerOptions(steps=20))
     torch.testing.assert_close(c, a[3:8])

@@ -186,9 +186,12 @@ def test_folder_dataset_id_changes_with_the_images(tmp_path: Path) -> None:
     make_folder(root, per_class=8)  # 24 other images, same folder and class names
     second = ImageDataModule("folder", data_dir=str(root), image_size=8).dataset_id
     assert second != first and second.startswith("folder-imgs-")
-    # An image edited in place (same name; only its mtime tells) is another dataset too.
+    # The id is keyed by content: a touched file (same bytes, new mtime) is the same dataset...
     img = root / "cat" / "0.png"
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 1_000_000_000))
+    assert ImageDataModule("folder", data_dir=str(root), image_size=8).dataset_id == second
+    # ...and an image edited in place (same name) is another one (tests/test_data_safety.py: same size and mtime).
+    shutil.copy(root / "dog" / "1.png", img)
     assert ImageDataModule("folder", data_dir=str(root), image_size=8).dataset_id != second
 
 
@@ -226,3 +229,41 @@ def test_cifar_and_mnist_dataset_ids_fingerprint_the_files(tmp_path: Path) -> No
     assert ImageDataModule("mnist", data_dir=str(tmp_path / "m1")).dataset_id != ImageDataModule(
         "mnist", data_dir=str(tmp_path / "m2")).dataset_id
     assert ImageDataModule("digits").dataset_id == "digits-8px-c1-seed0-val0.15"  # unchanged
+
+
+# ------------------------------------------------------------------------------- up-front weights check
+def test_corrupt_inception_weights_are_an_option_error_before_training(tmp_path: Path, monkeypatch) -> None:
+    """The check GuidanceSweep.setup and experiments/sweep.py run before any training or sampling reads the
+    file: truncated, garbage, mis-hashed or another network's weights name `sweep.inception_weights`."""
+    import lightning_modules.evaluation.features as features
+    from lightning_modules.diffusion import OptionError
+    from lightning_modules.sweep.evaluation import check_extractor_available
+
+    signature = {name: torch.zeros(shape, dtype=torch.float16) for name, shape in features._INCEPTION_SIGNATURE.items()}
+    good = tmp_path / "inception-local.pth"
+    torch.save(signature, good)
+    truncated = tmp_path / "inception-truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:4096])
+    garbage = tmp_path / "inception-garbage.pth"
+    garbage.write_bytes(b"\x00garbage" * 64)
+    misnamed = tmp_path / INCEPTION_WEIGHTS_FILENAME  # its name says SHA-256 6726825d...
+    shutil.copy(good, misnamed)
+    other = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(10, 512), "conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
+    cases = ((truncated, "corrupt"), (garbage, "corrupt"), (misnamed, "6726825d"), (other, "not torch-fidelity"))
+    for bad, says in cases:
+        with pytest.raises(OptionError, match=says) as err:
+            check_extractor_available("inception", str(bad))
+        assert err.value.option == "sweep.inception_weights" and str(bad) in str(err.value)
+        assert str(err.value).count("Fix:") == 1
+    check_extractor_available("evaluator", str(garbage))  # the evaluator needs no weights file
+
+    reads = []
+    real = features.load_inception_state_dict
+    monkeypatch.setattr(features, "load_inception_state_dict", lambda p: reads.append(p) or real(p))
+    check_extractor_available("inception", str(good))
+    check_extractor_available("inception", str(good))  # the callback's setup, then the sweep: read once
+    assert len(reads) == 1
+    torch.save({**signature, "fc.bias": torch.zeros(7)}, good)  # the file changed: verified again, and refused
+    with pytest.raises(OptionError, match="fc.bias"):
+        check_extractor_available("inception", str(good))

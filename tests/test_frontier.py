@@ -10,6 +10,7 @@ from lightning_modules.diffusion import (
     GuidanceOptions,
     GuidedDenoiser,
     NoiseSchedule,
+    SamplerOptions,
     cell_cost,
     make_rule,
     respaced_timesteps,
@@ -39,7 +40,7 @@ def draw(rule, scales, sampler="ddim", steps=8, net=None, prediction="eps", log_
     labels = torch.arange(6) % NUM_CLASSES
     den = GuidedDenoiser(net or TinyNet(), schedule, labels, NUM_CLASSES, rule, scales, prediction=prediction,
                          log_prob_x0=log_prob_x0)
-    return sample(den, SHAPE, sample_keys(3, torch.arange(6)), steps, sampler, **kw)
+    return sample(den, SHAPE, sample_keys(3, torch.arange(6)), SamplerOptions(sampler, steps, **kw))
 
 
 SCALES = [0.5, 1.0, 2.0, 3.0, 4.0, 6.0]
@@ -93,8 +94,8 @@ def test_cfgpp_dpmpp_chain_equals_a_hand_written_loop():
     schedule, net, steps, lam = NoiseSchedule("cosine", 1000), TinyNet(), 16, 0.7
     labels, null = torch.arange(6) % NUM_CLASSES, torch.full((6,), NUM_CLASSES)
     keys = sample_keys(3, torch.arange(6))
-    ours = sample(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfgpp", lam), SHAPE, keys, steps,
-                  "dpmpp_2m", clip_x0=False)
+    ours = sample(GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfgpp", lam), SHAPE, keys,
+                  SamplerOptions("dpmpp_2m", steps, clip_x0=False))
     from lightning_modules.diffusion import keyed_normal
 
     x = keyed_normal(keys, 0, SHAPE).double()
@@ -124,12 +125,13 @@ def test_thresholding_leaves_in_range_samples_alone_and_bounds_the_rest():
     labels, keys = torch.zeros(200, dtype=torch.long), sample_keys(0, torch.arange(200))
     inside = GuidedDenoiser(GaussianOracle(s, 0.0, 0.15), s, labels, 10)
     stats = {}
-    plain = sample(inside, (1, 2, 2), keys, 20, "ddim", clip_x0=False)
-    thresholded = sample(inside, (1, 2, 2), keys, 20, "ddim", clip_x0=False, threshold=0.995, stats=stats)
+    plain = sample(inside, (1, 2, 2), keys, SamplerOptions(steps=20, clip_x0=False))
+    thresholded = sample(inside, (1, 2, 2), keys, SamplerOptions(steps=20, clip_x0=False, threshold=0.995),
+                         stats=stats)
     torch.testing.assert_close(thresholded, plain, atol=1e-5, rtol=1e-5)
     assert stats["thresholded_steps"].sum() == 0
     outside = GuidedDenoiser(GaussianOracle(s, 2.5, 0.3), s, labels, 10)
-    out = sample(outside, (1, 2, 2), keys, 20, "ddim", clip_x0=False, threshold=0.995, stats=stats)
+    out = sample(outside, (1, 2, 2), keys, SamplerOptions(steps=20, clip_x0=False, threshold=0.995), stats=stats)
     assert out.abs().max() <= 1.0 and stats["thresholded_steps"].float().mean() > 1
 
 
@@ -162,10 +164,10 @@ def test_dpmpp_recovers_a_known_gaussian_in_few_steps():
     s = NoiseSchedule("linear", 1000)
     mu, sigma = 0.3, 0.5
     den = GuidedDenoiser(GaussianOracle(s, mu, sigma), s, torch.zeros(4000, dtype=torch.long), 10)
-    x = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)), 20, "dpmpp_2m", clip_x0=False)
+    x = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)), SamplerOptions("dpmpp_2m", 20, clip_x0=False))
     assert abs(x.mean().item() - mu) < 0.02 and abs(x.std().item() - sigma) < 0.03
     # The point of a second-order solver: at equal steps it is closer than DDIM (std 0.484 vs 0.437 here).
-    ddim = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)), 20, "ddim", clip_x0=False)
+    ddim = sample(den, (1, 2, 2), sample_keys(0, torch.arange(4000)), SamplerOptions("ddim", 20, clip_x0=False))
     assert abs(x.std().item() - sigma) < abs(ddim.std().item() - sigma) / 2
 
 
@@ -175,8 +177,8 @@ def test_dpmpp_chain_equals_an_independent_float64_implementation():
     oracle = GaussianOracle(s, 0.2, 0.4)
     keys = sample_keys(5, torch.arange(64))
     steps = 12
-    ours = sample(GuidedDenoiser(oracle, s, torch.zeros(64, dtype=torch.long), 10), (1, 2, 2), keys, steps,
-                  "dpmpp_2m", clip_x0=False)
+    ours = sample(GuidedDenoiser(oracle, s, torch.zeros(64, dtype=torch.long), 10), (1, 2, 2), keys,
+                  SamplerOptions("dpmpp_2m", steps, clip_x0=False))
     from lightning_modules.diffusion import keyed_normal
 
     x = keyed_normal(keys, 0, (1, 2, 2)).double()
@@ -227,7 +229,8 @@ def test_every_method_runs_on_every_sampler(method, sampler):
                          grad_fn=partial(classifier_grad, TinyClassifier()), guide=_perturbed(TinyNet()),
                          log_prob_x0=clean_log_prob(TinyClassifier()))
     stats = {}
-    out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), 6, sampler, threshold=0.995, stats=stats)
+    out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), SamplerOptions(sampler, 6, threshold=0.995),
+                 stats=stats)
     assert out.shape == (4, *SHAPE) and torch.isfinite(out).all() and out.abs().max() <= 1
     assert stats["thresholded_steps"].shape == (4,)
 
@@ -238,7 +241,9 @@ def test_autoguidance_with_the_main_model_as_its_own_guide_is_the_conditional_mo
     labels, keys = torch.arange(6) % NUM_CLASSES, sample_keys(3, torch.arange(6))
     own = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "autoguidance", [1.0, 2.0, 3.0] * 2, guide=net)
     plain = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "cfg", 1.0)
-    torch.testing.assert_close(sample(own, SHAPE, keys, 8), sample(plain, SHAPE, keys, 8), atol=1e-6, rtol=1e-6)
+    eight = SamplerOptions(steps=8)
+    torch.testing.assert_close(sample(own, SHAPE, keys, eight), sample(plain, SHAPE, keys, eight), atol=1e-6,
+                               rtol=1e-6)
     weaker = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, "autoguidance", 2.0, guide=_perturbed(TinyNet()))
     x = torch.randn(6, *SHAPE)
     out = weaker.at(x, 500).eps

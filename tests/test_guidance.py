@@ -11,6 +11,7 @@ from lightning_modules.diffusion import (
     GuidedDenoiser,
     NoiseSchedule,
     OptionError,
+    SamplerOptions,
     cell_cost,
     classifier_grad,
     make_rule,
@@ -85,12 +86,13 @@ def test_cg_scale_zero_gives_exactly_the_unguided_samples(setup):
     schedule, labels, _ = setup
     keys = sample_keys(0, torch.arange(6))
     for sampler in ("ddim", "ddpm"):
-        plain = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES), SHAPE, keys, 8, sampler)
+        options = SamplerOptions(sampler, 8)
+        plain = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES), SHAPE, keys, options)
         cg0 = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 0.0,
-                                    grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, 8, sampler)
+                                    grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, options)
         assert torch.equal(plain, cg0)
         guided = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 5.0,
-                                       grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, 8, sampler)
+                                       grad_fn=partial(classifier_grad, TinyClassifier())), SHAPE, keys, options)
         assert not torch.allclose(plain, guided)
 
 
@@ -123,7 +125,7 @@ def test_classifier_sees_original_timesteps_under_respacing(setup):
     clf = TinyClassifier()
     den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, "cg_cond", 1.0,
                          grad_fn=partial(classifier_grad, clf))
-    sample(den, SHAPE, sample_keys(0, torch.arange(6)), 10, "ddim")
+    sample(den, SHAPE, sample_keys(0, torch.arange(6)), SamplerOptions(steps=10))
     seen = [int(t[0]) for t in clf.seen_t]
     assert seen == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert all(torch.all(t == t[0]) for t in clf.seen_t)
@@ -144,10 +146,10 @@ def test_per_sample_scale_vector_equals_separate_runs(setup, method):
              "log_prob_x0": clean_log_prob(TinyClassifier())}
     batched = sample(GuidedDenoiser(TinyNet(), schedule, labels.repeat(3), NUM_CLASSES, rule,
                                     [s for s in scales for _ in range(n)], **extra),
-                     SHAPE, keys.repeat(3), 6, "ddim")
+                     SHAPE, keys.repeat(3), SamplerOptions(steps=6))
     for j, scale in enumerate(scales):
         alone = sample(GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scale, **extra),
-                       SHAPE, keys, 6, "ddim")
+                       SHAPE, keys, SamplerOptions(steps=6))
         torch.testing.assert_close(batched[j * n:(j + 1) * n], alone, atol=1e-5, rtol=1e-5)
 
 

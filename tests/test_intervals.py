@@ -69,7 +69,9 @@ def test_intervals_are_as_wide_as_the_spread_over_independent_sample_sets():
     sets = [cell(fake) for fake in fakes]
     spread = {m: torch.tensor([s[m] for s, _ in sets]).std().item() for m in METRICS}
     point, logits = sets[0]
-    out = metric_intervals(point, real, stats, fakes[0], logits, labels, draws=100)
+    # The half-sample spread itself, unclipped: this set's KID estimate is below 0, where the reported
+    # interval is clipped (test_intervals_are_clipped_to_each_metrics_range).
+    out = metric_intervals(point, real, stats, fakes[0], logits, labels, draws=100, clip=False)
     for m in METRICS:
         lo, hi = out[f"{m}_lo"], out[f"{m}_hi"]
         assert lo <= point[m] <= hi, m
@@ -112,3 +114,30 @@ def test_no_draws_give_no_interval():
     assert set(out) == {f"{m}_{e}" for m in METRICS for e in ("lo", "hi")}
     assert all(math.isnan(v) for v in out.values())
     assert fid_from_stats(*stats[:2], fake) == pytest.approx(point["fid"])
+
+
+def test_intervals_are_clipped_to_each_metrics_range():
+    """Fakes that are the reals: FID ≈ 0 and KID ≈ 0, so FID/KID minus the halves' spread is negative, and
+    recall ≈ 1 plus the spread is above 1. The reported bounds stay inside each metric's range."""
+    from lightning_modules.evaluation.intervals import METRIC_RANGES, clip_interval
+
+    gen = torch.Generator().manual_seed(5)
+    real = torch.randn(200, D, generator=gen)
+    fake, labels = real.clone(), torch.arange(200) % 4
+    logits = torch.randn(200, 4, generator=gen)
+    stats = reference_moments(*feature_statistics(real))
+    point = cell_metrics(real, fake, logits, labels, ref_stats=stats, kid_subset_size=200, kid_subsets=10)
+    halves = half_indices(labels, 50)
+    fid_halves = torch.tensor([fid_from_stats(*stats[:2], fake[h]) for h in halves], dtype=torch.float64)
+    unclipped_lo, unclipped_hi = centred_interval(fid_halves, point["fid"])
+    assert unclipped_lo < 0 < unclipped_hi  # the case this guards against
+    out = metric_intervals(point, real, stats, fake, logits, labels, draws=50)
+    assert out["fid_lo"] == 0.0 and out["fid_hi"] == pytest.approx(unclipped_hi)
+    # KID's unbiased estimate is itself below 0 here: its interval reaches down to it and no further.
+    assert point["kid"] < 0 and out["kid_lo"] == pytest.approx(min(0.0, point["kid"]))
+    for m in METRICS:
+        low, high = (1.0, 4.0) if m == "score" else METRIC_RANGES[m]
+        low = min(low, point[m])
+        assert low <= out[f"{m}_lo"] <= point[m] <= out[f"{m}_hi"] <= high, m
+    assert clip_interval(-1.0, 2.0, 0.0, 1.0) == (0.0, 1.0)
+    assert all(math.isnan(v) for v in clip_interval(math.nan, math.nan, 0.0, 1.0))  # undefined stays undefined

@@ -241,7 +241,7 @@ def test_trainer_free_sweep_rejects_an_incompatible_guide_before_sampling(traine
     ckpt["hyper_parameters"]["schedule"] = "linear"  # same weights, so only the compatibility check can object
     guide = tmp_path / "linear_guide.ckpt"
     torch.save(ckpt, guide)
-    monkeypatch.setattr(sweep_cli, "run_sweep", lambda *args, **kwargs: pytest.fail("sampling started"))
+    monkeypatch.setattr(sweep_cli, "sweep_and_report", lambda *args, **kwargs: pytest.fail("sampling started"))
     out = tmp_path / "out"
     with pytest.raises(OptionError, match=r"sweep\.guide_ckpt.*linear_guide\.ckpt.*schedule"):
         sweep_cli.main(["--diffusion", str(trained["diffusion"]), "--sweep.methods", "[autoguidance]",

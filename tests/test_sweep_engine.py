@@ -65,6 +65,10 @@ def make_models(seed=0, step=10):
 
 @pytest.fixture(scope="module")
 def evaluation():
+    return toy_evaluation()
+
+
+def toy_evaluation() -> Evaluation:
     extractor = ToyExtractor()
     real = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     feats = extractor.extract(real)[0]

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .options import GuidanceOptions
-from .schedule import NoiseSchedule
+from .options import GuidanceOptions, OptionError
+from .schedule import NoiseSchedule, respaced_timesteps
 
 GradFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> ∇_x log p(y | x_t)
 
@@ -131,15 +131,44 @@ def clean_log_prob(classifier: nn.Module, temperature: float = 1.0) -> LogProbFn
     return log_prob
 
 
+def noise_level(schedule: NoiseSchedule, t: int) -> float:
+    """σ = √((1−ᾱ_t)/ᾱ_t) at training index t (the axis of `sigma_interval`)."""
+    ab = schedule.alpha_bar(t)
+    return math.sqrt((1 - ab) / ab)
+
+
+def check_guided_steps(options: GuidanceOptions, timesteps: int, steps: int, schedule: NoiseSchedule | None = None,
+                       prefix: str = "") -> None:
+    """Raise OptionError when guidance acts at none of the `steps` respaced sampling steps: a band that holds
+    no step would silently sample every cell as the plain model. Without `schedule` (σ unknown) only the
+    `interval` on training indices is checked."""
+    ts = respaced_timesteps(timesteps, steps)
+    at = ", ".join(f"t={t}" + ("" if schedule is None else f" σ={noise_level(schedule, t):.3g}") for t in ts)
+    more = f"or sample with more steps than {steps}"
+    if options.interval is not None and not any(options.interval[0] <= t <= options.interval[1] for t in ts):
+        raise OptionError(f"{prefix}interval", f"{list(options.interval)} holds none of the {steps} sampling "
+                          f"steps ({at}), so no step would be guided", f"widen it to hold one of these t, {more}")
+    if schedule is None or any(guidance_weight(t, schedule, options) > 0 for t in ts):
+        return
+    band, interval = options.sigma_interval, options.interval
+    in_band = [t for t in ts if band is None or band[0] < noise_level(schedule, t) <= band[1]]
+    guided = [t for t in in_band if interval is None or interval[0] <= t <= interval[1]]
+    if band is not None and not guided:
+        problem = f"shares no sampling step with interval {list(interval or ())}" if in_band \
+            else "holds none of the sampling steps' noise levels"
+        raise OptionError(f"{prefix}sigma_interval", f"({band[0]:g}, {band[1]:g}] {problem} ({at}), so no step "
+                          "would be guided", f"widen it to hold one of these σ (guided where lo < σ <= hi), {more}")
+    raise OptionError(f"{prefix}scale_schedule", f"the {options.scale_schedule} ramp is 0 at every guided step ({at})",
+                      f"use scale_schedule constant, {more}")
+
+
 def guidance_weight(t: int, schedule: NoiseSchedule, options: GuidanceOptions) -> float:
     """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
     if options.interval is not None and not options.interval[0] <= t <= options.interval[1]:
         return 0.0
     if options.sigma_interval is not None:
         # Kynkäänniemi et al. 2024 define the interval on the noise level σ = √((1−ᾱ)/ᾱ): guide in (lo, hi].
-        ab = schedule.alpha_bar(t)
-        sigma = math.sqrt((1 - ab) / ab)
-        if not options.sigma_interval[0] < sigma <= options.sigma_interval[1]:
+        if not options.sigma_interval[0] < noise_level(schedule, t) <= options.sigma_interval[1]:
             return 0.0
     progress = 1.0 - t / (schedule.timesteps - 1)  # 0 at pure noise, 1 at the data end
     if options.scale_schedule == "linear":

@@ -31,7 +31,8 @@ class GuidanceOptions:
         scale_schedule: how the guidance beyond the base branch ramps over sampling: constant, linear or
             cosine (0 at pure noise, full at the data end).
         cfg_rescale: φ of Lin et al. (2023): blend the CFG output towards the conditional prediction's
-            per-sample std, in [0, 1]; 0 = off.
+            per-sample std, in [0, 1]; 0 = off. Acts on CFG-guided samples only (the base branch is the
+            conditional one); an s_cfg = 0 sample stays the unconditional model.
         combo_cg_scale: the classifier-guidance scale of method 'cfg+cg' (its CFG scale is the swept one).
         sigma_interval: guide only where the noise level σ = √((1−ᾱ)/ᾱ) lies in (lo, hi] (Kynkäänniemi et al.
             2024 define their interval on σ); combines with `interval`. null = every step.

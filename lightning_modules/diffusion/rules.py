@@ -50,19 +50,30 @@ class LinearGuidance(GuidanceRule):
 
     def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
         s_cfg, s_cg = self.split(scale)
-        score = None if p.grad is None else (s_cg * w).view(-1, 1, 1, 1) * p.grad
+        score = None if p.grad is None else _scaled(p.grad, s_cg * w)
         if p.uncond is None or p.cond is None:
             return Guided(p.cond if p.uncond is None else p.uncond, score)
         base = (s_cfg != 0).float()  # 1 = the conditional branch is the base, 0 = the unconditional one
-        s = (base + (s_cfg - base) * w).view(-1, 1, 1, 1)
-        guided = p.uncond + s * (p.cond - p.uncond)
+        s, base = (base + (s_cfg - base) * w).view(-1, 1, 1, 1), base.view(-1, 1, 1, 1)
+        # Written around each row's own base branch, so a plain row (s = base) is that branch exactly, as in a
+        # batch that evaluates only it: ε_base + (s − base)·(ε_c − ε_u).
+        guided = torch.where(base > 0, p.cond, p.uncond) + (s - base) * (p.cond - p.uncond)
         if self.options.cfg_rescale > 0:
-            # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's.
+            # Lin et al. 2023: match the guided prediction's per-sample std to the conditional one's. Only rows
+            # around the conditional branch: a row around ε_u (s_cfg = 0) is not CFG-guided, and a batch of
+            # such rows evaluates only ε_u, so rescaling it would tie the row to its neighbours.
             dims = tuple(range(1, guided.ndim))
             ratio = p.cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
-            phi = self.options.cfg_rescale
-            guided = phi * guided * ratio + (1 - phi) * guided
+            # g + φ·(r − 1)·g: a row with ratio 1 (s = 1: guided is ε_c) stays exactly ε_c.
+            guided = guided + base * self.options.cfg_rescale * (ratio - 1) * guided
         return Guided(guided, score)
+
+
+def _scaled(grad: Tensor, weight: Tensor) -> Tensor:
+    """weight·grad per row, exactly 0 where the weight is 0: a row that takes no gradient by itself must not get
+    a NaN or inf from a gradient taken for its neighbours."""
+    weight = weight.view(-1, *([1] * (grad.ndim - 1)))
+    return torch.where(weight != 0, weight * grad, torch.zeros_like(grad))
 
 
 def _like(scale, value: float):
@@ -170,8 +181,10 @@ class AdaptiveProjected(AroundConditional):
             delta = delta * torch.clamp(o.apg_threshold / norm.clamp_min(1e-12), max=1.0)
         unit = d_c / torch.linalg.vector_norm(d_c, dim=dims, keepdim=True).clamp_min(1e-12)
         parallel = (delta * unit).sum(dim=dims, keepdim=True) * unit
-        guided = d_c + (_effective(scale, w) - 1).view(-1, 1, 1, 1) * (delta - parallel + o.apg_eta * parallel)
-        return Guided(p.eps(guided), memory=memory)
+        excess = (_effective(scale, w) - 1).view(-1, 1, 1, 1)
+        guided = d_c + excess * (delta - parallel + o.apg_eta * parallel)
+        # A row at w = 1 is ε_c itself (not its round trip through x̂0), as in a batch that evaluates only ε_c.
+        return Guided(torch.where(excess == 0, p.cond, p.eps(guided)), memory=memory)
 
 
 class ClassifierFreePlusPlus(GuidanceRule):
@@ -216,7 +229,9 @@ class Autoguidance(AroundConditional):
         if p.guide is None:
             return Guided(p.cond)
         s = _effective(scale, w).view(-1, 1, 1, 1)
-        return Guided(p.guide + s * (p.cond - p.guide))  # EDM2's D_g.lerp(D_main, w), in ε
+        # EDM2's D_g.lerp(D_main, w) in ε, written around ε_c so a row at w = 1 is ε_c exactly, as in a batch
+        # that evaluates only the main network.
+        return Guided(p.cond + (s - 1) * (p.cond - p.guide))
 
 
 RULES: dict[str, type[GuidanceRule]] = {

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .denoiser import GuidedDenoiser
 from .guidance import StepMode, condition_mean, condition_score
 from .noise import keyed_normal
-from .options import COMPILE_MODES, SAMPLERS
+from .options import COMPILE_MODES, SamplerOptions
 from .schedule import respaced_timesteps
 
 # x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum), thresholded steps (B,)
@@ -202,24 +202,24 @@ def compiled_step(sampler: str, mode: str = "default", backend: str | Callable =
 
 
 @torch.no_grad()
-def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, steps: int, sampler: str = "ddim",
-           eta: float = 0.0, clip_x0: bool = True, progress: bool = False, desc: str = "sampling",
-           compile: str | None = None, compile_backend: str | Callable = "inductor",
-           callback: Callable[[int], None] | None = None, threshold: float | None = None,
-           stats: dict | None = None) -> Tensor:
+def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, options: SamplerOptions, *,
+           callback: Callable[[int], None] | None = None, stats: dict | None = None, progress: bool = False,
+           desc: str = "sampling", compile_backend: str | Callable = "inductor") -> Tensor:
     """Draw len(keys) samples of `shape` (C, H, W); sample i starts from the noise of keys[i].
 
-    With clip_x0 the data range is [-1, 1]: predicted x_0 is clipped each step and the result too.
-    `compile` is a torch.compile mode (None = eager; "reduce-overhead" adds CUDA graphs on GPUs).
-    `callback(i)` runs on the host after step i (progress bars; it must not read the device). `threshold`
-    is dynamic thresholding's quantile p (instead of the static clip); with a `stats` dict, its
-    "thresholded_steps" gets the number of steps each sample was thresholded at (a device tensor).
+    `options` travel whole (sampler, steps, eta, clip_x0, threshold, compile; see SamplerOptions), so no caller
+    can drop one, and are checked against the schedule first. With clip_x0 the data range is [-1, 1]: predicted
+    x_0 is clipped each step and the result too; `threshold` is dynamic thresholding's quantile p instead of the
+    static clip. `compile` is a torch.compile mode (None = eager; "reduce-overhead" adds CUDA graphs on GPUs).
+    `callback(i)` runs on the host after step i (progress bars; it must not read the device); with a `stats`
+    dict, its "thresholded_steps" gets the number of steps each sample was thresholded at (a device tensor).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    options.check(den.schedule.timesteps)
+    sampler, eta, clip_x0, threshold, compile = (options.sampler, options.eta, options.clip_x0, options.threshold,
+                                                 options.compile)
     step = _STEPS[sampler] if compile is None else compiled_step(sampler, compile, compile_backend)
     cuda_graphs = compile is not None and "reduce-overhead" in compile and keys.is_cuda
-    timesteps = respaced_timesteps(den.schedule.timesteps, steps)
+    timesteps = respaced_timesteps(den.schedule.timesteps, options.steps)
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
     table = step_table(den, pairs, sampler, eta, keys.device)
     # The last step's noise coefficient is 0 in the table; drawing it anyway keeps one graph for all steps.

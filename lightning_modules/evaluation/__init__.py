@@ -5,8 +5,10 @@ from .features import (
     INCEPTION_WEIGHTS_FILENAME,
     FeatureExtractor,
     InceptionExtractor,
+    InceptionWeightsError,
     check_inception_weights,
     default_inception_weights_path,
+    verify_inception_weights,
 )
 from .metrics import (
     CELL_METRIC_KEYS,
@@ -29,6 +31,7 @@ __all__ = [
     "EvaluatorNet",
     "FeatureExtractor",
     "InceptionExtractor",
+    "InceptionWeightsError",
     "cell_metrics",
     "check_inception_weights",
     "classifier_score",
@@ -43,4 +46,5 @@ __all__ = [
     "reference_features",
     "target_accuracy",
     "train_evaluator",
+    "verify_inception_weights",
 ]

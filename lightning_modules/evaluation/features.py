@@ -23,6 +23,22 @@ INCEPTION_WEIGHTS_OPTION = "inception_weights"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILENAME}"
 # torch.hub's naming convention: `<name>-<first 8+ hex of the file's SHA-256>.<ext>`.
 _HUB_HASH = re.compile(r"-([0-9a-f]{8,})\.pth$")
+# Tensors (and shapes) every torch-fidelity Inception-v3 state dict holds, first layer to last: enough to tell
+# its weights from another network's file without importing torch-fidelity or building the network.
+_INCEPTION_SIGNATURE = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+                        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048),
+                        "fc.bias": (1008,)}
+# (resolved path, size, mtime_ns) -> SHA-256 of files verified in this process: only so the callback's setup
+# and the sweep script do not verify one file twice in one run; never persisted (no cross-run cache).
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+class InceptionWeightsError(ValueError):
+    """A weights file that exists but cannot be used (corrupt, truncated, wrong file): `problem` and `fix`."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem}. Fix: {fix}.")
 
 
 @runtime_checkable
@@ -82,19 +98,41 @@ def load_inception_state_dict(path: Path) -> tuple[dict[str, Tensor], str]:
     """
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    fix = f"Fix: delete it and download {INCEPTION_WEIGHTS_FILENAME} again from {INCEPTION_WEIGHTS_URL}."
+    fix = f"delete it and download {INCEPTION_WEIGHTS_FILENAME} again from {INCEPTION_WEIGHTS_URL}"
     expected = _HUB_HASH.search(path.name)
     if expected and not digest.startswith(expected.group(1)):
-        raise ValueError(f"Inception weights {path}: SHA-256 {digest[:16]}... does not start with "
-                         f"{expected.group(1)} as its name says - a corrupt, truncated or wrong file. {fix}")
+        raise InceptionWeightsError(f"Inception weights {path}: SHA-256 {digest[:16]}... does not start with "
+                                    f"{expected.group(1)} as its name says - a corrupt, truncated or wrong file", fix)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError (crafted), RuntimeError (truncated zip), EOFError, ...
-        raise ValueError(f"Inception weights {path} are not a plain state dict of tensors, or are corrupt: "
-                         f"{type(err).__name__}: {err}. {fix}") from err
+        raise InceptionWeightsError(f"Inception weights {path} are not a plain state dict of tensors, or are "
+                                    f"corrupt: {type(err).__name__}: {err}", fix) from err
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise ValueError(f"Inception weights {path} are not a plain state dict (name -> tensor). {fix}")
+        raise InceptionWeightsError(f"Inception weights {path} are not a plain state dict (name -> tensor)", fix)
     return state, digest
+
+
+def verify_inception_weights(weights_path: str | os.PathLike | None) -> Path:
+    """`check_inception_weights`, then the file itself: its SHA-256 against a torch.hub-style name, a
+    `weights_only=True` load, and the tensors of torch-fidelity's Inception-v3. Raises InceptionWeightsError
+    (a ValueError) for a corrupt, truncated or wrong file, so that is found before training, not at the
+    first FID. Reads the file once per process (memoised by path, size and mtime)."""
+    path = check_inception_weights(weights_path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return path
+    state, digest = load_inception_state_dict(path)
+    wrong = [f"{name} {tuple(state[name].shape) if name in state else 'missing'} (expected {shape})"
+             for name, shape in _INCEPTION_SIGNATURE.items()
+             if name not in state or tuple(state[name].shape) != shape]
+    if wrong:
+        raise InceptionWeightsError(f"Inception weights {path} load, but are not torch-fidelity's Inception-v3: "
+                                    f"{', '.join(wrong[:3])}", f"pass {INCEPTION_WEIGHTS_FILENAME} itself "
+                                    f"(from {INCEPTION_WEIGHTS_URL}), not another network's weights")
+    _VERIFIED[key] = digest
+    return path
 
 
 def to_uint8_range(x: Tensor) -> Tensor:

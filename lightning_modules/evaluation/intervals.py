@@ -28,6 +28,24 @@ from torch import Tensor
 from .metrics import classifier_score, fid_from_stats, target_accuracy
 
 METRICS = ("fid", "kid", "score", "precision", "recall", "accuracy")
+# Each metric's possible values (lo, hi); the score's upper end is the number of classes the logits cover.
+# A centred interval (full value ± the halves' spread) can leave them, e.g. FID < 0 when it is near 0.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "fid": (0.0, math.inf),  # a squared distance
+    # The population MMD² is ≥ 0, but KID's unbiased estimator (the point value) can itself be slightly
+    # negative: the point value is reported as computed, and its interval reaches down to it, no further.
+    "kid": (0.0, math.inf),
+    "score": (1.0, math.inf),  # exp(mean KL) ≥ 1, and ≤ the class count (set per call)
+    "precision": (0.0, 1.0), "recall": (0.0, 1.0), "accuracy": (0.0, 1.0),  # shares
+}
+
+
+def clip_interval(lo: float, hi: float, low: float, high: float) -> tuple[float, float]:
+    """[lo, hi] clipped to [low, high]; NaN stays NaN (an undefined interval is not made a real one)."""
+    def clip(v: float) -> float:
+        return v if math.isnan(v) else min(max(v, low), high)
+
+    return clip(lo), clip(hi)
 
 
 def half_indices(strata: Tensor, draws: int, seed: int = 0) -> Tensor:
@@ -104,10 +122,13 @@ def kid_of_subsets(real: Tensor, fake: Tensor, subsets: Tensor, real_term: bool 
 
 
 def metric_intervals(point: dict[str, float], ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor,
-                     labels: Tensor | None, draws: int, k: int = 3, strata: Tensor | None = None) -> dict[str, float]:
+                     labels: Tensor | None, draws: int, k: int = 3, strata: Tensor | None = None,
+                     clip: bool = True) -> dict[str, float]:
     """`<metric>_lo` / `<metric>_hi` for every metric in METRICS from `draws` random halves (NaN when draws = 0
     or the metric is; accuracy needs `labels`); `point` holds the full-sample values the intervals are placed
-    around. `strata` = the classes the samples were generated for (default: `labels`; none = one stratum)."""
+    around. `strata` = the classes the samples were generated for (default: `labels`; none = one stratum).
+    Every interval is clipped to its metric's range (`METRIC_RANGES`): FID's lower bound never goes below 0;
+    `clip=False` gives the raw centred intervals (to check their calibration)."""
     strata = labels if strata is None else strata
     halves = half_indices(torch.zeros(len(feats)) if strata is None else strata, draws).to(feats.device)
     precision, recall = precision_recall_of_subsets(ref_feats, feats, halves, k)
@@ -117,8 +138,15 @@ def metric_intervals(point: dict[str, float], ref_feats: Tensor, ref_stats: tupl
               "score": [classifier_score(logits[h]) for h in halves],
               "precision": precision, "recall": recall,
               "accuracy": [math.nan if y is None else target_accuracy(logits[h], y[h]) for h in halves]}
+    ranges = {**METRIC_RANGES, "score": (1.0, float(logits.shape[1]))}  # IS ≤ K: p(y) uniform, each p(y|x) one-hot
     out: dict[str, float] = {}
     for name in METRICS:
         v = torch.as_tensor(values[name], dtype=torch.float64)
-        out[f"{name}_lo"], out[f"{name}_hi"] = centred_interval(v, point[name])
+        lo, hi = centred_interval(v, point[name])
+        # Widened to hold the point value itself: KID's unbiased estimate can lie below 0, its interval then
+        # reaches down to it (and no further), so lo <= value <= hi always holds.
+        low, high = ranges[name]
+        p = float(point[name])
+        bounds = (min(low, p), max(high, p)) if math.isfinite(p) else (low, high)
+        out[f"{name}_lo"], out[f"{name}_hi"] = clip_interval(lo, hi, *bounds) if clip else (lo, hi)
     return out

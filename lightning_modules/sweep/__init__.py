@@ -21,15 +21,8 @@ from .engine import (
     signature,
 )
 from .evaluation import Evaluation, build_evaluation, check_extractor_available, resolve_extractor
-from .models import (
-    Network,
-    SweepModels,
-    check_compatible,
-    load_classifier,
-    load_diffusion,
-    resolve_guide,
-    weights_hash,
-)
+from .loading import load_classifier, load_diffusion, resolve_guide
+from .models import Network, SweepModels, check_compatible, weights_hash
 from .store import COLUMNS, SweepStore, check_writable
 from .tables import SUMMARY_COLUMNS, SUMMARY_TITLE, aggregate, format_table, summary
 

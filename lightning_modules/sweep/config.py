@@ -11,7 +11,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from lightning_modules.diffusion import METHODS, GuidanceOptions, OptionError, SamplerOptions, make_rule
+from lightning_modules.diffusion import (
+    METHODS,
+    GuidanceOptions,
+    NoiseSchedule,
+    OptionError,
+    SamplerOptions,
+    check_guided_steps,
+    make_rule,
+)
 
 DEFAULT_SCALES = {"cfg": [0.0, 1.0, 1.5, 2.0, 3.0, 5.0], "cg_cond": [0.0, 0.5, 1.0, 2.0, 4.0],
                   "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0],
@@ -94,8 +102,10 @@ class SweepConfig:
         """The scale grid of every method (given, or its default)."""
         return {m: [float(s) for s in (self.scales or {}).get(m, DEFAULT_SCALES[m])] for m in self.methods}
 
-    def check(self, timesteps: int | None = None) -> None:
-        """Raise OptionError for the first problem; with the model's `timesteps`, check ranges too."""
+    def check(self, timesteps: int | None = None, schedule: str | None = None) -> None:
+        """Raise OptionError for the first problem; with the model's `timesteps`, check ranges too, and that the
+        guidance bands hold some of the sampling steps (the σ band needs the model's noise `schedule` kind too:
+        the engine checks it with the model's schedule before it samples)."""
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or len(set(self.methods)) != len(self.methods):
             raise OptionError(f"{P}methods", f"{self.methods} has unknown or repeated methods {unknown}",
@@ -138,6 +148,9 @@ class SweepConfig:
             raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
         self.sampling.check(timesteps, prefix=f"{P}sampling.")
         self.guidance.check(timesteps, prefix=f"{P}guidance.")
+        if timesteps is not None and any(m != "none" for m in self.methods):  # 'none' ignores the bands
+            check_guided_steps(self.guidance, timesteps, self.sampling.steps,
+                               None if schedule is None else NoiseSchedule(schedule, timesteps), f"{P}guidance.")
         if self.needs_guide and not self.guide_ckpt:
             raise OptionError(f"{P}guide_ckpt", "autoguidance needs a guide network",
                               "pass --sweep.guide_ckpt=snapshot:1/16 (a snapshot the diffusion fit kept) or a path "

@@ -154,8 +154,7 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
         keys = sample_keys(job.seed, sample_idx).to(device)
         stats: dict = {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            images = sample(den, models.shape, keys, s.steps, s.sampler, s.eta, s.clip_x0, compile=s.compile,
-                            callback=on_step, threshold=s.threshold, stats=stats)
+            images = sample(den, models.shape, keys, s, callback=on_step, stats=stats)
         yield chunk, images.float(), stats["thresholded_steps"]
 
 
@@ -227,6 +226,8 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     Rank 0 records each cell in the store as its job finishes (then calls `on_cell(row, grid)`), so an
     interrupted sweep keeps what it finished. Other ranks pass `store=None` and get [] back.
     """
+    # With the model's schedule: a guidance band that holds none of the sampling steps fails here, before any work.
+    config.check(models.schedule.timesteps, models.schedule.kind)
     sig = signature(config, models, evaluation, autocast_dtype is not None)
     jobs = dist.broadcast(plan_jobs(config, store, sig, share_plain=True) if dist.rank == 0 else None)
     steps = config.sampling.steps

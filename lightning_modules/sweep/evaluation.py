@@ -16,11 +16,12 @@ from torch import Tensor
 from lightning_modules.diffusion import OptionError
 from lightning_modules.evaluation import (
     InceptionExtractor,
+    InceptionWeightsError,
     cell_metrics,
-    check_inception_weights,
     feature_statistics,
     load_or_train_evaluator,
     reference_features,
+    verify_inception_weights,
 )
 from lightning_modules.evaluation.intervals import metric_intervals
 from lightning_modules.evaluation.metrics import reference_moments
@@ -36,16 +37,19 @@ def resolve_extractor(kind: str, dataset: str) -> str:
 
 
 def check_extractor_available(kind: str, inception_weights: str | None) -> None:
-    """Fail before any training or sampling when Inception weights are missing offline."""
+    """Fail before any training or sampling when Inception weights are missing offline, or are corrupt,
+    truncated or another file (verified once per process: calling it again is cheap)."""
     if kind != "inception":
         return
     try:
-        check_inception_weights(inception_weights)
+        verify_inception_weights(inception_weights)
     except FileNotFoundError as err:
         raise OptionError("sweep.inception_weights", str(err).splitlines()[0],
                           "pass --sweep.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth, "
                           "or use --sweep.extractor=evaluator (trained here on the clean data, fully offline)"
                           ) from err
+    except InceptionWeightsError as err:
+        raise OptionError("sweep.inception_weights", err.problem, err.fix) from err
 
 
 @dataclass

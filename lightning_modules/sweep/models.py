@@ -1,8 +1,8 @@
 """The networks a sweep samples with, and their identities.
 
 A network is identified by a content hash of its weights (never a path or a step counter: in `validate` a
-module's global_step is 0, and a file path says nothing about what is in it). Checkpoints are read with
-`weights_only=True`, so no code runs from a file, and any problem names the file.
+module's global_step is 0, and a file path says nothing about what is in it). How they are read from
+checkpoints: `loading.py`.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lightning_modules.diffusion import NoiseSchedule, OptionError, classifier_grad, clean_log_prob
 from lightning_modules.diffusion.guidance import GradFn, LogProbFn
-from lightning_modules.networks import EncoderClassifier, UNet
-from lightning_modules.sweep.config import SweepConfig
 
 COMPAT_KEYS = ("num_classes", "image_size", "channels", "schedule", "timesteps")
 
@@ -67,6 +64,12 @@ class SweepModels:
             self.grad_fn = functools.partial(classifier_grad, self.classifier.net)
         if self.guide is not None:
             check_compatible(hp, self.guide.hparams, what="guide", option="sweep.guide_ckpt")
+            if self.guide.sha == self.diffusion.sha:
+                # ε_g = ε_c: every autoguidance scale would sample the plain conditional model.
+                raise OptionError("sweep.guide_ckpt", f"the guide's weights equal the diffusion model's (sha "
+                                  f"{self.guide.sha}), so autoguidance would be the conditional model at every "
+                                  "scale", "pass a weaker model of the same data: an earlier snapshot such as "
+                                  "--sweep.guide_ckpt=snapshot:1/16, or a smaller model's checkpoint")
         if self.clean_classifier is not None:
             check_clean(hp, self.clean_classifier.hparams)
         self._flops: dict[str, float] | None = None
@@ -123,10 +126,11 @@ class SweepModels:
     def device(self) -> torch.device:
         return next(self.diffusion.net.parameters()).device
 
-    def to(self, device: torch.device | str) -> SweepModels:
-        self.diffusion.net.to(device)
-        if self.classifier is not None:
-            self.classifier.net.to(device)
+    def to(self, device: torch.device | str | torch.dtype) -> SweepModels:
+        """Every network it holds, moved in place (the guide and the clean classifier too: a step mixes them)."""
+        for network in (self.diffusion, self.classifier, self.guide, self.clean_classifier):
+            if network is not None:
+                network.net.to(device)
         return self
 
     def identity(self) -> dict:
@@ -177,99 +181,5 @@ def check_clean(diffusion_hparams: dict, hparams: dict, path: str = "") -> None:
                           f"model in {bad}", "train it on the same data")
 
 
-def read_checkpoint(path: str | Path, option: str) -> dict:
-    """A Lightning checkpoint as plain tensors and containers (weights_only=True: no code runs)."""
-    p = Path(path)
-    if not p.is_file():
-        raise OptionError(option, f"checkpoint {str(path)!r} does not exist",
-                          "train one (python -m experiments.train fit --config configs/experiments/...) and pass "
-                          "its checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a checkpoint, or holding code objects
-        raise OptionError(option, f"checkpoint {p} cannot be read safely ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200]})", "point to an intact Lightning .ckpt file; "
-                          "re-copy or retrain it") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise OptionError(option, f"{p} is not a Lightning checkpoint of this framework (no state_dict / "
-                          "hyper_parameters)", "pass a checkpoints/*.ckpt written by python -m experiments.train")
-    return ckpt
-
-
-def _submodule(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_diffusion(path: str | Path, device: torch.device | str = "cpu", option: str = "diffusion checkpoint"
-                   ) -> Network:
-    """The EMA network of a ConditionalDiffusion checkpoint (what generates every evaluation sample)."""
-    ckpt = read_checkpoint(path, option)
-    hp = dict(ckpt["hyper_parameters"])
-    if "p_uncond" not in hp:
-        raise OptionError(option, f"{path} holds a {hp.get('_class_path', 'different model')}, not a "
-                          "ConditionalDiffusion", "pass the diffusion model's checkpoint")
-    net = UNet.from_hparams(hp)
-    _load(net, _submodule(ckpt["state_dict"], "ema_net."), path, option)
-    return Network(net.to(device), hp, int(ckpt.get("global_step", 0)))
-
-
-def resolve_guide(guide: str, diffusion_ckpt: str | Path) -> Path:
-    """`snapshot:1/16` → the guide snapshot the diffusion fit saved next to `diffusion_ckpt`; else a path."""
-    if not guide.startswith("snapshot:"):
-        return Path(guide)
-    fraction = guide.split(":", 1)[1].replace("/", "of")
-    return Path(diffusion_ckpt).parent / f"guide-{fraction}.ckpt"
-
-
-def load_guide(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str | Path | None,
-               device: torch.device | str = "cpu", allow_missing_snapshot: bool = False) -> Network | None:
-    """The guide autoguidance needs (None if no method does), checked against the diffusion model.
-
-    `diffusion_ckpt`: where the diffusion checkpoint is (or will be written); a `snapshot:1/16` guide lies next
-    to it. `allow_missing_snapshot`: a snapshot the running fit has not written yet gives None (load it again at
-    sweep time) instead of an error."""
-    if not config.needs_guide:
-        return None
-    path = resolve_guide(config.guide_ckpt, diffusion_ckpt)
-    if allow_missing_snapshot and config.guide_ckpt.startswith("snapshot:") and not path.exists():
-        return None
-    guide = load_diffusion(path, device, option="sweep.guide_ckpt")
-    check_compatible(diffusion_hparams, guide.hparams, str(path), "guide", "sweep.guide_ckpt")
-    return guide
-
-
-def load_helper_networks(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str | Path | None,
-                         device: torch.device | str = "cpu", allow_missing_snapshot: bool = False
-                         ) -> tuple[Network | None, Network | None, Network | None]:
-    """(noisy classifier, guide, clean classifier) as the config asks for them, None where it does not, each
-    checked against the diffusion model's hyperparameters: an OptionError naming the option before any
-    sampling, not a failure (or silently wrong samples) deep inside it. The guide's arguments: `load_guide`."""
-    classifier = clean = None
-    if config.classifier_ckpt:  # loaded whenever given: the rows record it even for classifier-free methods
-        classifier = load_classifier(config.classifier_ckpt, device)
-        check_compatible(diffusion_hparams, classifier.hparams, config.classifier_ckpt)
-    if config.needs_clean_classifier:
-        clean = load_classifier(config.clean_classifier_ckpt, device, option="sweep.clean_classifier_ckpt")
-        check_clean(diffusion_hparams, clean.hparams, config.clean_classifier_ckpt)
-    guide = load_guide(config, diffusion_hparams, diffusion_ckpt, device, allow_missing_snapshot)
-    return classifier, guide, clean
-
-
-def load_classifier(path: str | Path, device: torch.device | str = "cpu", option: str = "sweep.classifier_ckpt"
-                    ) -> Network:
-    """The classifier of a NoisyClassifier checkpoint (noisy, or trained on clean images for cg_clean)."""
-    ckpt = read_checkpoint(path, option)
-    hp = dict(ckpt["hyper_parameters"])
-    if "pool" not in hp:
-        raise OptionError(option, f"{path} is not a NoisyClassifier checkpoint", "pass the classifier's checkpoint")
-    net = EncoderClassifier.from_hparams(hp)
-    _load(net, _submodule(ckpt["state_dict"], "net."), path, option)
-    return Network(net.to(device), hp, int(ckpt.get("global_step", 0)))
-
-
-def _load(net: nn.Module, state: dict[str, Tensor], path: str | Path, option: str) -> None:
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as err:
-        raise OptionError(option, f"the weights in {path} do not fit the network its hyperparameters describe "
-                          f"({str(err).splitlines()[0][:200]})", "pass an unmodified checkpoint") from err
+# What torch's own messages advise (re-run with weights_only=False, allowlist globals) could run a crafted
+# file's code: users see only these short reasons and the project's fix.

@@ -21,7 +21,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
-from .store import _atomic_write  # noqa: E402
+from lightning_modules.files import atomic_write as _atomic_write  # noqa: E402
+
 from .tables import aggregate, best_index  # noqa: E402
 
 METRICS = ("fid", "kid", "score", "precision", "recall", "accuracy")
@@ -253,12 +254,3 @@ def metrics_vs_gamma(rows: list[dict], directory: Path, title: str) -> Path:
     what = f"top: full range (symlog), bottom: γ ∈ [{lo:.2g}, {hi:.2g}] (shaded above)" if zoom else "full range"
     fig.suptitle(f"Metrics against the common γ axis ({what}; mean ± 1 std over seeds)\n{title}", fontsize=10)
     return save(fig, directory / "metrics_vs_gamma.png")
-
-
-def save_plots(rows: list[dict], directory: Path, protocol: dict | None = None) -> list[Path]:
-    """The metric and front figures (no report, no sample grids): see `report.write_outputs` for all outputs."""
-    from .fronts import cost_figure, front_figures
-
-    title = protocol_title(rows, protocol)
-    return [metrics_vs_scale(rows, directory, title), metrics_vs_gamma(rows, directory, title),
-            *front_figures(rows, directory, title), cost_figure(rows, directory, title)]

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lightning_modules.diffusion import OptionError
+from lightning_modules.files import atomic_write as _atomic_write
+
 from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
-from .store import _atomic_write
 from .tables import interval_mean, mean_std, passes, passes_text, summary
 
 HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
@@ -66,24 +68,45 @@ METRIC_NOTES = [
 ]
 
 
+class OutputsIncomplete(OptionError):
+    """Some figures could not be written (a full disk, permissions): raised after everything else was written,
+    so the caller can still hand on what exists (`figures`) and then fail, instead of exiting 0."""
+
+    def __init__(self, out_dir: Path, failed: list[str], figures: list[Path]) -> None:
+        super().__init__("sweep.output_dir", f"{len(failed)} figure(s) could not be written in {out_dir}: "
+                         f"{'; '.join(failed)}", "free space (or fix permissions) and run the same command again: "
+                         "the finished cells are kept in sweep.csv, so only the outputs are redrawn")
+        self.figures = figures
+
+
 def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None = None,
                   class_names: list[str] | None = None) -> list[Path]:
-    """Draw every figure and write report.md (atomically); returns the PNG paths (for W&B)."""
+    """Draw every figure and write report.md (atomically); returns the PNG paths (for W&B).
+
+    Raises OutputsIncomplete (after writing report.md and every figure it could) when a figure could not be
+    written; a figure that fails for another reason is reported as a warning and left out."""
     out_dir, protocol = Path(out_dir), dict(protocol or {})
     if not rows:
         return []
     title = protocol_title(rows, protocol)
     figures: list[Path] = []
-    drawers: list[Callable[[], list[Path]]] = [
-        lambda: [cost_figure(rows, out_dir, title)], lambda: [metrics_vs_scale(rows, out_dir, title)],
-        lambda: [metrics_vs_gamma(rows, out_dir, title)], lambda: front_figures(rows, out_dir, title),
-        lambda: progression_figures(rows, out_dir, class_names, title, protocol.get("image_size"))]
-    for draw in drawers:
+    failed: list[str] = []
+    drawers: list[tuple[str, Callable[[], list[Path]]]] = [
+        ("best_fid_vs_cost", lambda: [cost_figure(rows, out_dir, title)]),
+        ("metrics_vs_scale", lambda: [metrics_vs_scale(rows, out_dir, title)]),
+        ("metrics_vs_gamma", lambda: [metrics_vs_gamma(rows, out_dir, title)]),
+        ("fronts", lambda: front_figures(rows, out_dir, title)),
+        ("grids", lambda: progression_figures(rows, out_dir, class_names, title, protocol.get("image_size")))]
+    for name, draw in drawers:
         try:  # a figure that cannot be drawn must not cost the report (the rows are safe in sweep.csv)
             figures += draw()
+        except OSError as err:
+            failed.append(f"{name} ({err.strerror or err})")
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"{out_dir}: a sweep figure could not be drawn ({type(err).__name__}: {err})", stacklevel=2)
     _atomic_write(out_dir / "report.md", render(rows, out_dir, protocol, class_names, figures).encode())
+    if failed:
+        raise OutputsIncomplete(out_dir, failed, figures)
     return figures
 
 

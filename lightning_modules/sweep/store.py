@@ -6,6 +6,12 @@ atomically. A cell is done when its row is in the CSV *and* its grid file is the
 kill or a full disk at any point leaves either a finished cell or one that is recomputed. On reading, a
 half-written last line (no newline) or a malformed row is reported with the file name and moved to
 `sweep.csv.rejected`, never glued onto.
+
+Concurrent runs: open the store with `SweepStore.exclusive(directory)`, which holds the directory's advisory
+lock while the sweep runs, so a second sweep into the same directory waits and then reuses every cell the
+first finished (nothing is sampled or stored twice, and a malformed-line repair never races an append). On
+leaving, `sweep.json` is rewritten from `sweep.csv`, so it is complete after every run, even one that had
+nothing left to sample after a kill between a CSV line and its JSON write.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import Tensor
 
 from lightning_modules.diffusion import OptionError
+from lightning_modules.files import atomic_write as _atomic_write
+from lightning_modules.files import exclusive_lock, remove_stale_temp_files
+
+from .grids import encode_grid
 
 COLUMNS = [
     "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
@@ -50,23 +62,9 @@ def check_writable(directory: str | Path, option: str = "sweep.output_dir") -> P
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def png_bytes(images: Tensor, nrow: int) -> bytes:
     """A cell's grid of images in [-1, 1] as PNG bytes: `nrow` images per row (pass the number of classes,
     so columns are classes), upscaled without blur to >= 32 px, layout stored in the PNG (see grids.py)."""
-    from .grids import encode_grid
-
     return encode_grid(images, columns=nrow)
 
 
@@ -78,6 +76,25 @@ class SweepStore:
         self.csv_path = self.directory / "sweep.csv"
         self.json_path = self.directory / "sweep.json"
         self.rows: list[dict] = self._read()
+
+    @classmethod
+    @contextmanager
+    def exclusive(cls, directory: str | Path) -> Iterator[SweepStore]:
+        """The store of `directory`, held for this process alone (see the module docstring); leftovers of
+        killed writers are removed first, and sweep.json is rewritten from sweep.csv on the way out."""
+        path = check_writable(directory)
+        with exclusive_lock(path):
+            remove_stale_temp_files(path, path / "grids")
+            store = cls(path)
+            try:
+                yield store
+            finally:
+                store.write_json()
+
+    def write_json(self) -> None:
+        """sweep.json = every row of sweep.csv (all signatures), re-read from the file itself."""
+        self.rows = self._read()
+        _atomic_write(self.json_path, json.dumps(self.rows, indent=1).encode())
 
     # ------------------------------------------------------------------ reading
     def _read(self) -> list[dict]:
