@@ -70,7 +70,7 @@ class GuidanceSweep(Callback):
             return
         if not hasattr(pl_module, "ema_net"):
             raise TypeError("GuidanceSweep needs a ConditionalDiffusion module (it samples from its EMA network)")
-        config.check(timesteps=pl_module.hparams.timesteps)
+        config.check(timesteps=pl_module.hparams.timesteps, schedule=pl_module.hparams.get("schedule"))
         check_extractor_available(resolve_extractor(config.extractor, getattr(trainer.datamodule, "name", "")),
                                   config.inception_weights)
         # A guide snapshot:1/16 the running fit writes later (at 1/16 of max_steps) is loaded at sweep time.
@@ -113,7 +113,8 @@ class GuidanceSweep(Callback):
             for turn in ("first", "rest"):
                 if (turn == "first") == trainer.is_global_zero:
                     self.evaluation = build_evaluation(c.extractor, trainer.datamodule, c.cache_dir,
-                                                       c.inception_weights, c.reference_split, device)
+                                                       c.inception_weights, c.reference_split, device,
+                                                       c.extra_extractors)
                 trainer.strategy.barrier("guidance-sweep-prepare")
         return self.evaluation
 

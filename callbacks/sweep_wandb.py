@@ -83,8 +83,27 @@ class WandbSweepLogger:
     def cell(self, row: dict, grid: Tensor | None) -> None:
         log_cell(self.run, row, grid, self.num_classes)
 
-    def sweep(self, rows: list[dict], figures: list[Path], out_dir: Path) -> None:
+    def sweep(self, rows: list[dict], figures: list[Path], out_dir: Path, verdicts: dict | None = None) -> None:
         log_sweep(self.run, rows, figures, grid_dir=out_dir)
+        if verdicts is not None:
+            log_verdicts(self.run, verdicts)
+
+
+def log_verdicts(run: Any, verdicts: dict) -> None:
+    """The paired comparisons as a table (`sweep/verdicts`) and as summary keys
+    `verdict/<method>_vs_<ref>/<best_scale|matched>/<metric>` (Δ), `.../lo`, `.../hi`, `.../verdict`."""
+    import wandb
+
+    columns = ["method", "vs", "at", "metric", "delta", "lo", "hi", "verdict", "samples_to_separate",
+               "holds_in_every_space"]
+    run.log({"sweep/verdicts": wandb.Table(columns=columns, data=[[_json(c[k]) for k in columns]
+                                                                     for c in verdicts["comparisons"]])})
+    for c in verdicts["comparisons"]:
+        key = f"verdict/{c['method']}_vs_{c['vs']}/{c['at'].replace(' ', '_')}/{c['metric']}"
+        run.summary[key] = _json(c["delta"])
+        run.summary[f"{key}/lo"], run.summary[f"{key}/hi"] = _json(c["lo"]), _json(c["hi"])
+        run.summary[f"{key}/verdict"] = c["verdict"]
+    run.summary["verdict/ranking"] = [" = ".join(g) for g in verdicts["ranking"]]
 
 
 def log_sweep(run: Any, rows: list[dict], plot_paths: list[Path], grid_dir: Path | None = None) -> None:

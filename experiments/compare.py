@@ -32,6 +32,7 @@ from experiments.train import main as train_cli
 from experiments.trends import check_trends
 from lightning_modules.diffusion import OptionError
 from lightning_modules.sweep import SUMMARY_COLUMNS, SUMMARY_TITLE, format_table, summary
+from lightning_modules.sweep.verdicts import verdict_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n== At matched strength: the first scale reaching accuracy {best[0]['matched_accuracy']:.3g} "
               "(interpolated) ==")
         print(format_table(best, ["method", "matched_scale", "matched_gamma", "matched_fid", "matched_recall"]))
+    if done.outcome.verdicts:
+        print("\n== Paired verdicts: every method against the best and against CFG (joint 95%) ==")
+        print(verdict_text(done.outcome.verdicts))
     print("\n== Trend checks (Ho & Salimans 2022; Dhariwal & Nichol 2021) ==")
     for line in check_trends(rows):
         print(line)

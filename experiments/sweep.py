@@ -39,6 +39,7 @@ from lightning_modules.sweep import (
 )
 from lightning_modules.sweep.loading import load_helper_networks, read_checkpoint
 from lightning_modules.sweep.orchestration import SweepOutcome, protocol_of, sweep_and_report
+from lightning_modules.sweep.verdicts import verdict_text
 
 
 def parser() -> ArgumentParser:
@@ -85,14 +86,14 @@ def sweep(argv: list[str] | None = None) -> SweepRun:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     # Everything that can fail is checked before any sampling.
     diffusion = load_diffusion(args.diffusion, device, option="diffusion")
-    config.check(timesteps=diffusion.hparams["timesteps"])
+    config.check(timesteps=diffusion.hparams["timesteps"], schedule=diffusion.hparams.get("schedule"))
     data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir)
     check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
     out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
     classifier, guide, clean = load_helper_networks(config, diffusion.hparams, args.diffusion, device)
     models = SweepModels(diffusion, classifier, guide, clean).to(device)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
-                                  config.reference_split, device)
+                                  config.reference_split, device, config.extra_extractors)
     run = _wandb_run(config, args, out_dir, data.name) if args.wandb else None
     bf16 = config.precision == "bf16"
     protocol = protocol_of(config, dataset=data.name, dataset_id=data.dataset_id,
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, outcome = done.outcome.rows, done.outcome
     print(f"\n== {SUMMARY_TITLE} ==")
     print(format_table(summary(rows), SUMMARY_COLUMNS))
+    if outcome.verdicts:
+        print("\n== Paired verdicts: every method against the best and against CFG (joint 95%) ==")
+        print(verdict_text(outcome.verdicts))
     if rows:
         r = rows[0]
         print(f"\ndiffusion:   step {r['diffusion_step']}, sha {r['diffusion_sha']}")

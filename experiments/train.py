@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -23,6 +24,7 @@ from callbacks.checkpoint_io import CheckpointTempCleanup, SafeCheckpointIO
 from callbacks.console import FitSummary, StepProgressBar, quiet_known_noise, tidy_wandb
 from datamodules import ImageDataModule
 from lightning_modules.diffusion import OptionError
+from lightning_modules.files import is_url
 from lightning_modules.sweep import SweepConfig
 from lightning_modules.sweep.loading import read_checkpoint
 
@@ -40,7 +42,9 @@ class GuideCLI(LightningCLI):
         # a missing, empty, corrupt or unsafe file must fail naming itself.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and not _lightning_ckpt_value(str(path)):
+        # A local path that does not exist (yet) is left to Lightning's own error at fit/validate time, so a
+        # command can be parsed or printed (--print_config, W&B sweep templates) before its checkpoint exists.
+        if path and not _lightning_ckpt_value(str(path)) and (is_url(path) or Path(path).exists()):
             read_checkpoint(str(path), "ckpt_path")
         super()._parse_ckpt_path()
 

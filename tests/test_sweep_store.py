@@ -35,11 +35,12 @@ def test_sweep_json_is_rewritten_from_the_csv_by_a_run_with_nothing_to_sample(tm
     cfg, models = config(tmp_path), make_models()
     full = sweep_and_report(cfg, models, evaluation, tmp_path, PROTOCOL).rows
     # A kill between the last cell's CSV line and its sweep.json write: the JSON is one row short.
-    (tmp_path / "sweep.json").write_text(json.dumps(json.loads((tmp_path / "sweep.json").read_text())[:-1]))
+    short = json.loads((tmp_path / "sweep.json").read_text())
+    (tmp_path / "sweep.json").write_text(json.dumps({**short, "rows": short["rows"][:-1]}))
     (tmp_path / "report.md").unlink()
     again = sweep_and_report(cfg, models, evaluation, tmp_path, PROTOCOL).rows
     assert cells(again) == cells(full)
-    assert cells(json.loads((tmp_path / "sweep.json").read_text())) == cells(full)
+    assert cells(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == cells(full)
     assert (tmp_path / "report.md").is_file()
 
 
@@ -69,7 +70,7 @@ def test_two_sweeps_into_one_directory_at_once_store_every_cell_once(tmp_path, e
     rows = SweepStore(tmp_path).rows
     assert len(rows) == len(set(cells(rows))) == 6  # 3 cells × 2 seeds, each stored once
     assert len(passes) == len({(j.method, j.seed) for j in passes})  # the second run sampled nothing again
-    assert cells(json.loads((tmp_path / "sweep.json").read_text())) == cells(rows)
+    assert cells(json.loads((tmp_path / "sweep.json").read_text())["rows"]) == cells(rows)
 
 
 def test_the_lock_makes_a_second_writer_wait(tmp_path):

@@ -1,6 +1,13 @@
 """Sample-quality evaluation: feature extractors (Inception, digits evaluator) and per-cell metrics."""
 
-from .evaluator import EvaluatorExtractor, EvaluatorNet, load_or_train_evaluator, train_evaluator
+from .evaluator import (
+    EVALUATOR_ARCHS,
+    EvaluatorExtractor,
+    EvaluatorMLP,
+    EvaluatorNet,
+    load_or_train_evaluator,
+    train_evaluator,
+)
 from .features import (
     INCEPTION_WEIGHTS_FILENAME,
     FeatureExtractor,
@@ -26,8 +33,10 @@ from .metrics import (
 
 __all__ = [
     "CELL_METRIC_KEYS",
+    "EVALUATOR_ARCHS",
     "INCEPTION_WEIGHTS_FILENAME",
     "EvaluatorExtractor",
+    "EvaluatorMLP",
     "EvaluatorNet",
     "FeatureExtractor",
     "InceptionExtractor",

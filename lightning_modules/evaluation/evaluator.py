@@ -4,6 +4,10 @@ For sklearn digits there is no pretrained feature network (Inception on 8x8 grey
 meaningless), so FID / KID / precision / recall are computed in the penultimate feature space of this
 network, and its logits give the classifier score and the target-class accuracy. It is deliberately a
 different network from the noise-aware classifier used for guidance, so guidance cannot game the metric.
+
+`arch` selects the network: "cnn" (EvaluatorNet, the main evaluator) or "mlp" (EvaluatorMLP, a second,
+independently trained feature space used to check that a ranking is not an artefact of one network).
+Cache helpers live in evaluator_cache.py, the training loop in evaluator_train.py.
 """
 
 from __future__ import annotations
@@ -11,15 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .evaluator_cache import _fingerprint, _load_cached_evaluator, _safe, _weights_hash, atomic_torch_save
+from .evaluator_train import _accuracy, _train_loop
+
+__all__ = ["EVALUATOR_ARCHS", "EvaluatorExtractor", "EvaluatorMLP", "EvaluatorNet", "atomic_torch_save",
+           "load_or_train_evaluator", "train_evaluator"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,18 @@ _TRAIN_HPARAMS = {
     "width": 32,
     "num_features": 128,
 }
+# arch "mlp": its own recipe version (bumping it leaves the CNN's cache alone). Same optimiser and shifts.
+_MLP_RECIPE_VERSION = 1
+_MLP_HPARAMS = {
+    "batch_size": 128,
+    "lr": 3e-3,
+    "weight_decay": 5e-4,
+    "max_shift": 1,
+    "hidden": 256,
+    "num_features": 64,
+}
+EVALUATOR_ARCHS = ("cnn", "mlp")
+_NET_KEYS = {"cnn": ("width", "num_features"), "mlp": ("hidden", "num_features")}  # the hparams that shape the net
 
 
 def _groups(channels: int) -> int:
@@ -83,10 +101,52 @@ class EvaluatorNet(nn.Module):
         return self.head(self.features(x))
 
 
-class EvaluatorExtractor:
-    """FeatureExtractor over a trained EvaluatorNet: features = penultimate layer, logits = class logits."""
+class EvaluatorMLP(nn.Module):
+    """MLP on the flattened image (arch "mlp"): Linear-LayerNorm-GELU x2, then a 64-d penultimate layer.
 
-    def __init__(self, net: EvaluatorNet, extractor_id: str, heldout_accuracy: float, batch_size: int = 512):
+    No convolution, no pooling, no translation prior: a feature space built differently from EvaluatorNet's.
+    LayerNorm normalises each sample on its own, so features never depend on the batch. Fixed input size.
+    """
+
+    def __init__(self, image_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, hidden: int = 256,
+                 num_features: int = 64):
+        super().__init__()
+        self.in_channels = image_shape[0]
+        self.num_classes = num_classes
+        self.num_features = num_features
+        d = 1
+        for n in image_shape:
+            d *= int(n)
+        self.body = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(d, hidden), nn.LayerNorm(hidden), nn.GELU(),
+            nn.Linear(hidden, hidden), nn.LayerNorm(hidden), nn.GELU(),
+        )
+        self.embed = nn.Sequential(nn.Linear(hidden, num_features), nn.LayerNorm(num_features), nn.GELU())
+        self.head = nn.Linear(num_features, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features (B, num_features)."""
+        return self.embed(self.body(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _build_net(arch: str, image_shape: tuple[int, ...], num_classes: int, width: int = 32,
+               num_features: int | None = None, hidden: int = 256) -> nn.Module:
+    if arch == "cnn":
+        return EvaluatorNet(image_shape[0], num_classes, width=width, num_features=num_features or 128)
+    if arch == "mlp":
+        return EvaluatorMLP(tuple(image_shape), num_classes, hidden=hidden, num_features=num_features or 64)
+    raise ValueError(f"unknown evaluator arch {arch!r}: expected one of {EVALUATOR_ARCHS}")
+
+
+class EvaluatorExtractor:
+    """FeatureExtractor over a trained evaluator network (EvaluatorNet or EvaluatorMLP): features = penultimate
+    layer, logits = class logits."""
+
+    def __init__(self, net: nn.Module, extractor_id: str, heldout_accuracy: float, batch_size: int = 512):
         self.net = net.eval().requires_grad_(False)
         self.extractor_id = extractor_id
         self.num_features = net.num_features
@@ -116,29 +176,6 @@ class EvaluatorExtractor:
         return torch.cat(feats), torch.cat(logits)
 
 
-def _random_shift(x: Tensor, max_shift: int, gen: torch.Generator) -> Tensor:
-    """Translate every image independently by up to +-max_shift pixels (replicate-padded edges).
-
-    Only shifts: flips would turn digits into non-digits (2 vs 5, 6 vs 9).
-    """
-    b, c, h, w = x.shape
-    p = max_shift
-    xp = F.pad(x, (p, p, p, p), mode="replicate")
-    dy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-    dx = torch.randint(0, 2 * p + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    bidx = torch.arange(b)[:, None, None]
-    return xp.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-@torch.no_grad()
-def _accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    net.eval()
-    correct = sum((net(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return correct / max(1, len(y))
-
-
 def train_evaluator(
     x_train: Tensor,
     y_train: Tensor,
@@ -150,117 +187,30 @@ def train_evaluator(
     weight_decay: float = 5e-4,
     max_shift: int = 1,
     width: int = 32,
-    num_features: int = 128,
-) -> EvaluatorNet:
+    num_features: int | None = None,
+    arch: str = "cnn",
+    hidden: int = 256,
+) -> nn.Module:
     """Plain deterministic training loop (AdamW, one-cycle LR, +-1 px shifts) on clean images in [-1, 1].
+
+    `arch` "cnn": EvaluatorNet (`width`; `num_features` default 128); "mlp": EvaluatorMLP (`hidden`;
+    `num_features` default 64). `seed` sets both the weight init and the batch/shift stream.
 
     Runs on CPU with ONE intra-op thread, restored afterwards. Why: (1) the result then does not depend on
     the machine's core count (reduction order), so the cache key really determines the weights; (2) these
     ops are tiny, and with 2 threads on a busy 2-core machine OpenMP oversubscription made training ~17x
     slower (measured: 100 steps 17 s vs 2.3 s single-threaded), while on an idle one it costs only ~1.6x.
     """
+    def make_net() -> nn.Module:
+        return _build_net(arch, tuple(x_train.shape[1:]), num_classes, width, num_features, hidden)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # callers may sit inside a no-grad sampling or validation context
         with torch.inference_mode(False), torch.enable_grad():
-            return _train_loop(
-                x_train, y_train, num_classes, steps, seed, batch_size, lr, weight_decay, max_shift, width,
-                num_features)
+            return _train_loop(x_train, y_train, make_net, steps, seed, batch_size, lr, weight_decay, max_shift)
     finally:
         torch.set_num_threads(threads)
-
-
-def _train_loop(
-    x_train: Tensor,
-    y_train: Tensor,
-    num_classes: int,
-    steps: int,
-    seed: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    max_shift: int,
-    width: int,
-    num_features: int,
-) -> EvaluatorNet:
-    # fork_rng: seed the weight init without touching the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = EvaluatorNet(x_train.shape[1], num_classes, width=width, num_features=num_features)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    n = len(x_train)
-    net.train()
-    perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        # Epoch-style sampling without replacement: every image is seen equally often.
-        if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + batch_size]
-        pos += batch_size
-        xb = x_train[idx]
-        if max_shift > 0:
-            xb = _random_shift(xb, max_shift, gen)
-        loss = F.cross_entropy(net(xb), y_train[idx], label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval()
-
-
-def _fingerprint(*tensors: Tensor) -> str:
-    # Content hash of the data: a different split or preprocessing must not reuse an old evaluator.
-    h = hashlib.sha1()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _weights_hash(state_dict: dict[str, Tensor]) -> str:
-    h = hashlib.sha1()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temporary file then rename, so a concurrent reader (another DDP rank, another job
-    sharing the cache) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _load_cached_evaluator(path: Path, net: EvaluatorNet) -> float | None:
-    """Load the cache file into `net` and return its held-out accuracy; None when there is no file, or, with a
-    warning naming the file, when it is unreadable, corrupt or does not fit `net` (the caller then retrains
-    and atomically rewrites it, instead of dying on a raw torch error that names no file)."""
-    if not path.exists():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(blob["state_dict"])  # strict: missing keys or wrong shapes raise
-        acc = float(blob["heldout_accuracy"])
-    except Exception as err:  # truncated zip, garbage bytes, missing keys, wrong shapes, ...
-        log.warning("Evaluator cache %s is unreadable, corrupt or does not fit the network (%s: %s): "
-                    "retraining and rewriting it", path, type(err).__name__, err)
-        return None
-    return acc
 
 
 def load_or_train_evaluator(
@@ -274,18 +224,25 @@ def load_or_train_evaluator(
     steps: int = 400,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    arch: str = "cnn",
 ) -> EvaluatorExtractor:
-    """Load the evaluator for (dataset, settings) from `cache_dir`, or train it once and cache it.
+    """Load the evaluator for (dataset, arch, seed, settings) from `cache_dir`, or train it once and cache it.
 
-    Cache file: `cache_dir/evaluator-<dataset_id>-<hash of settings and data>.pt` holding the weights,
-    the held-out accuracy and the settings. Training always runs on CPU in float32 (tiny network, and
-    CPU keeps it reproducible); `device` is where the returned extractor runs.
+    Cache file: `cache_dir/evaluator-<tag><dataset_id>-<hash of settings and data>.pt` holding the weights,
+    the held-out accuracy and the settings; the extractor id is that stem plus the weights' hash. `<tag>` is
+    empty for the main evaluator (arch "cnn", seed 0: names as they always were, so old caches are reused)
+    and `<arch>-s<seed>-` otherwise. Training always runs on CPU in float32 (tiny network, and CPU keeps it
+    reproducible); `device` is where the returned extractor runs.
     """
+    if arch not in EVALUATOR_ARCHS:
+        raise ValueError(f"unknown evaluator arch {arch!r}: expected one of {EVALUATOR_ARCHS}")
     x_train, x_val = x_train.detach().cpu().float(), x_val.detach().cpu().float()
     y_train, y_val = y_train.detach().cpu().long(), y_val.detach().cpu().long()
-    hparams = dict(_TRAIN_HPARAMS)
+    hparams = dict(_TRAIN_HPARAMS if arch == "cnn" else _MLP_HPARAMS)
+    # The CNN's settings stay exactly as before (no "arch" entry): its cache key must not change.
     settings = {
-        "recipe_version": _RECIPE_VERSION,
+        "recipe_version": _RECIPE_VERSION if arch == "cnn" else _MLP_RECIPE_VERSION,
+        **({} if arch == "cnn" else {"arch": arch}),
         "dataset_id": dataset_id,
         "num_classes": int(num_classes),
         "steps": int(steps),
@@ -295,23 +252,25 @@ def load_or_train_evaluator(
         **hparams,
     }
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"evaluator-{_safe(dataset_id)}-{key}.pt"
+    tag = "" if (arch, int(seed)) == ("cnn", 0) else f"{arch}-s{int(seed)}-"
+    name = f"{tag}{_safe(dataset_id)}"
+    path = Path(cache_dir) / f"evaluator-{name}-{key}.pt"
 
-    net = EvaluatorNet(x_train.shape[1], num_classes, hparams["width"], hparams["num_features"])
+    net = _build_net(arch, tuple(x_train.shape[1:]), num_classes, **{k: hparams[k] for k in _NET_KEYS[arch]})
     cached_acc = _load_cached_evaluator(path, net)
     if cached_acc is not None:
         acc = cached_acc
-        log.info("Evaluator %s loaded from %s: held-out accuracy %.4f", dataset_id, path, acc)
+        log.info("Evaluator %s loaded from %s: held-out accuracy %.4f", name, path, acc)
     else:
         t0 = time.perf_counter()
-        net = train_evaluator(x_train, y_train, num_classes, steps=steps, seed=seed, **hparams)
+        net = train_evaluator(x_train, y_train, num_classes, steps=steps, seed=seed, arch=arch, **hparams)
         acc = _accuracy(net, x_val, y_val)
         secs = time.perf_counter() - t0
         blob = {"state_dict": net.state_dict(), "heldout_accuracy": acc, "settings": settings, "train_seconds": secs}
         atomic_torch_save(blob, path)
         log.info(
             "Evaluator %s trained in %.1f s (%d steps): held-out accuracy %.4f on %d images -> %s",
-            dataset_id,
+            name,
             secs,
             steps,
             acc,
@@ -319,8 +278,8 @@ def load_or_train_evaluator(
             path,
         )
     if acc < 0.9:
-        log.warning("Evaluator %s held-out accuracy is only %.3f: feature-space metrics will be weak", dataset_id, acc)
+        log.warning("Evaluator %s held-out accuracy is only %.3f: feature-space metrics will be weak", name, acc)
     # The weights hash goes into the identity too: if the file is ever re-trained (another machine,
     # another torch version), reference features cached under the old identity are not reused.
-    extractor_id = f"evaluator-{_safe(dataset_id)}-{key}-{_weights_hash(net.state_dict())}"
+    extractor_id = f"evaluator-{name}-{key}-{_weights_hash(net.state_dict())}"
     return EvaluatorExtractor(net, extractor_id, acc).to(device)

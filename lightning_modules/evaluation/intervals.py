@@ -121,28 +121,57 @@ def kid_of_subsets(real: Tensor, fake: Tensor, subsets: Tensor, real_term: bool 
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def complements(halves: Tensor, n: int) -> Tensor:
+    """(draws, n − m) indices of every sample not in each half (the disjoint other half: a stratified half
+    takes ⌊count/2⌋ of each class, so every complement has the same size)."""
+    keep = torch.ones(len(halves), n, dtype=torch.bool, device=halves.device)
+    keep.scatter_(1, halves, False)
+    return torch.stack([torch.nonzero(row).flatten() for row in keep]) if len(halves) else halves
+
+
+def subset_values(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
+                  subsets: Tensor, k: int = 3) -> dict[str, Tensor]:
+    """Every metric of METRICS on each subset of the samples (rows of `subsets`), float64 on the CPU. KID leaves
+    out the reals' own kernel term, a constant of the reference set (the N×N kernel is not worth computing per
+    cell): its values are exact up to that constant, so their differences and spread are exact."""
+    precision, recall = precision_recall_of_subsets(ref_feats, feats, subsets, k)
+    y = None if labels is None else labels.to(logits.device)
+    values = {"fid": [fid_from_stats(*ref_stats[:2], feats[h], sqrt_sigma_r=ref_stats[2]) for h in subsets],
+              "kid": kid_of_subsets(ref_feats, feats, subsets, real_term=False),
+              "score": [classifier_score(logits[h]) for h in subsets],
+              "precision": precision, "recall": recall,
+              "accuracy": [math.nan if y is None else target_accuracy(logits[h], y[h]) for h in subsets]}
+    return {m: torch.as_tensor(values[m], dtype=torch.float64).flatten().cpu() for m in METRICS}
+
+
+def metric_draws(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
+                 draws: int, k: int = 3, strata: Tensor | None = None) -> tuple[Tensor, dict, dict]:
+    """(halves, values on each half, values on each half's complement): what a cell persists so that any two
+    cells of a sweep can be compared draw by draw (same halves in every cell: one fixed generator)."""
+    strata = labels if strata is None else strata
+    halves = half_indices(torch.zeros(len(feats)) if strata is None else strata, draws).to(feats.device)
+    half = subset_values(ref_feats, ref_stats, feats, logits, labels, halves, k)
+    rest = subset_values(ref_feats, ref_stats, feats, logits, labels, complements(halves, len(feats)), k)
+    return halves, half, rest
+
+
 def metric_intervals(point: dict[str, float], ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor,
                      labels: Tensor | None, draws: int, k: int = 3, strata: Tensor | None = None,
-                     clip: bool = True) -> dict[str, float]:
+                     clip: bool = True, values: dict[str, Tensor] | None = None) -> dict[str, float]:
     """`<metric>_lo` / `<metric>_hi` for every metric in METRICS from `draws` random halves (NaN when draws = 0
     or the metric is; accuracy needs `labels`); `point` holds the full-sample values the intervals are placed
     around. `strata` = the classes the samples were generated for (default: `labels`; none = one stratum).
-    Every interval is clipped to its metric's range (`METRIC_RANGES`): FID's lower bound never goes below 0;
-    `clip=False` gives the raw centred intervals (to check their calibration)."""
-    strata = labels if strata is None else strata
-    halves = half_indices(torch.zeros(len(feats)) if strata is None else strata, draws).to(feats.device)
-    precision, recall = precision_recall_of_subsets(ref_feats, feats, halves, k)
-    y = None if labels is None else labels.to(logits.device)
-    values = {"fid": [fid_from_stats(*ref_stats[:2], feats[h], sqrt_sigma_r=ref_stats[2]) for h in halves],
-              "kid": kid_of_subsets(ref_feats, feats, halves, real_term=False),  # centring drops the constant
-              "score": [classifier_score(logits[h]) for h in halves],
-              "precision": precision, "recall": recall,
-              "accuracy": [math.nan if y is None else target_accuracy(logits[h], y[h]) for h in halves]}
+    `values`: the halves' values if already computed (`metric_draws`). Every interval is clipped to its
+    metric's range (`METRIC_RANGES`): FID's lower bound never goes below 0; `clip=False` gives the raw centred
+    intervals (to check their calibration)."""
+    if values is None:
+        strata = labels if strata is None else strata
+        halves = half_indices(torch.zeros(len(feats)) if strata is None else strata, draws).to(feats.device)
+        values = subset_values(ref_feats, ref_stats, feats, logits, labels, halves, k)
     ranges = {**METRIC_RANGES, "score": (1.0, float(logits.shape[1]))}  # IS ≤ K: p(y) uniform, each p(y|x) one-hot
     out: dict[str, float] = {}
     for name in METRICS:
-        v = torch.as_tensor(values[name], dtype=torch.float64)
-        lo, hi = centred_interval(v, point[name])
+        lo, hi = centred_interval(values[name], point[name])
         # Widened to hold the point value itself: KID's unbiased estimate can lie below 0, its interval then
         # reaches down to it (and no further), so lo <= value <= hi always holds.
         low, high = ranges[name]

@@ -52,6 +52,9 @@ class SweepConfig:
             cg_clean; never the evaluator that scores the samples.
         extractor: feature network for FID & co: auto (evaluator for digits/MNIST/Fashion-MNIST, Inception
             otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file).
+        extra_extractors: further feature spaces every cell is also scored in, so each paired verdict says
+            whether it holds in every space or flips: evaluator-mlp (an MLP evaluator, another architecture
+            and seed), evaluator-cnn-seed1 (the main evaluator's CNN, another seed). Trained once and cached.
         inception_weights: local weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).
         reference_split: real-data split the sample statistics are compared with.
         cache_dir: where the evaluator and reference features are cached.
@@ -77,6 +80,7 @@ class SweepConfig:
     guide_ckpt: str | None = None
     clean_classifier_ckpt: str | None = None
     extractor: Literal["auto", "evaluator", "inception"] = "auto"
+    extra_extractors: list[str] = field(default_factory=list)
     inception_weights: str | None = None
     reference_split: Literal["train", "val"] = "train"
     cache_dir: str = ".cache/guidelab"
@@ -146,6 +150,12 @@ class SweepConfig:
                               f"choose one of {list(PRECISIONS)}")
         if self.reference_split not in ("train", "val"):
             raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
+        from .evaluation import EXTRA_EXTRACTORS  # late: evaluation imports the metric stack
+
+        unknown = [name for name in self.extra_extractors if name not in EXTRA_EXTRACTORS]
+        if unknown:
+            raise OptionError(f"{P}extra_extractors", f"unknown extra extractor(s) {unknown}",
+                              f"use any of {list(EXTRA_EXTRACTORS)}, or []")
         self.sampling.check(timesteps, prefix=f"{P}sampling.")
         self.guidance.check(timesteps, prefix=f"{P}guidance.")
         if timesteps is not None and any(m != "none" for m in self.methods):  # 'none' ignores the bands

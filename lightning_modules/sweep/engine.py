@@ -27,7 +27,7 @@ from .evaluation import Evaluation
 from .models import SweepModels
 from .store import SweepStore, png_bytes
 
-ENGINE_VERSION = 4  # part of every cell's signature: bump when the engine's numbers change
+ENGINE_VERSION = 5  # part of every cell's signature: bump when the engine's numbers change
 
 
 class Distributed(Protocol):
@@ -68,6 +68,7 @@ class JobResult:
     grids: list[Tensor]  # per scale: the first grid_size images of the cell
     sampling_seconds: float
     metrics_seconds: float
+    draws: list[dict]  # per scale: the cell's draws record in every feature space (see Evaluation.score_with_draws)
 
 
 def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, bf16: bool) -> str:
@@ -83,6 +84,7 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
             "guide": models.guide.sha if models.guide else None,
             "clean": models.clean_classifier.sha if models.clean_classifier else None,
             "extractor": evaluation.extractor_id,
+            "extras": sorted(e.extractor_id for e in evaluation.extras.values()) or None,
             "reference": evaluation.reference_id, "num_samples": config.num_samples, "bootstrap": config.bootstrap,
             "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -169,8 +171,9 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     """Sample, featurise and score every cell of a job; rows and grids are identical on every rank."""
     n, device = config.num_samples, models.device
     total, g = n * len(job.scales), min(config.grid_size, n)
-    feats = torch.zeros(total, evaluation.extractor.num_features, device=device)
-    logits = torch.zeros(total, evaluation.logit_width(models.shape, device), device=device)
+    spaces = [evaluation, *evaluation.extras.values()]  # the main feature space, then any extra rulers
+    feats = [torch.zeros(total, e.extractor.num_features, device=device) for e in spaces]
+    logits = [torch.zeros(total, e.logit_width(models.shape, device), device=device) for e in spaces]
     grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
     thresholded = torch.zeros(total, device=device)  # steps at which each item's x̂0 was thresholded
     start, feature_seconds = time.perf_counter(), 0.0
@@ -178,24 +181,29 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                                                autocast_dtype, on_step):
         _sync(device)
         t0 = time.perf_counter()
-        f, lg = evaluation.extractor.extract(images)
         index = chunk.to(device)
-        feats[index], logits[index], thresholded[index] = f.to(device), lg.to(device), hits.to(device)
+        for e, f_all, lg_all in zip(spaces, feats, logits):
+            f, lg = e.extractor.extract(images)
+            f_all[index], lg_all[index] = f.to(device), lg.to(device)
+        thresholded[index] = hits.to(device)
         in_grid = (chunk % n < g).to(device)
         grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
         _sync(device)
         feature_seconds += time.perf_counter() - t0
-    for tensor in (feats, logits, grid, thresholded):
+    for tensor in (*feats, *logits, grid, thresholded):
         dist.all_sum(tensor)
     _sync(device)
     sampling_seconds = time.perf_counter() - start - feature_seconds
     t0 = time.perf_counter()
     labels = torch.arange(n) % models.num_classes
     rule = make_rule(job.method, config.guidance)
-    rows = []
+    rows, draws = [], []
     for j, scale in enumerate(job.scales):
         part = slice(j * n, (j + 1) * n)
         nfe, passes, guides = cell_cost(rule, scale, models.schedule, config.sampling.steps)
+        scored = [e.score_with_draws(f[part], lg[part], labels, config.bootstrap)
+                  for e, f, lg in zip(spaces, feats, logits)]
+        draws.append({"spaces": {e.extractor_id: record for e, (_, record) in zip(spaces, scored)}})
         rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
@@ -203,7 +211,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                      "unet_equivalents_per_sample": models.unet_equivalents(
                          nfe, passes, guides, rule.gradient_at == "x0", config.guidance.cg_clean_exact),
                      "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
-                     **evaluation.score(feats[part], logits[part], labels, config.bootstrap), **models.identity(),
+                     **scored[0][0], **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})
     _sync(device)
     metrics_seconds = feature_seconds + time.perf_counter() - t0
@@ -215,7 +223,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         row["seconds"] = seconds * weight / sum(weights)
         row["seconds_per_sample"] = row["seconds"] / n
     grids = [grid[j * g:(j + 1) * g].cpu() for j in range(len(job.scales))]
-    return JobResult(rows, grids, sampling_seconds, metrics_seconds)
+    return JobResult(rows, grids, sampling_seconds, metrics_seconds, draws)
 
 
 def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, store: SweepStore | None, *,
@@ -242,9 +250,9 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
         result = run_job(models, config, evaluation, job, sig, dist=dist, autocast_dtype=autocast_dtype,
                          on_step=lambda _: bar.update())
         if store is not None:
-            for row, grid in zip(result.rows, result.grids):
+            for row, grid, draws in zip(result.rows, result.grids, result.draws):
                 row["grid"] = store.grid_path(sig, row["method"], row["scale"], row["seed"])
-                store.append(row, png_bytes(grid, nrow=models.num_classes))
+                store.append(row, png_bytes(grid, nrow=models.num_classes), draws)
                 if on_cell is not None:
                     on_cell(row, grid)
     bar.close()

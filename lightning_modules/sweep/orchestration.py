@@ -12,6 +12,7 @@ are rewritten from `sweep.csv` at the end of every run, also one that had nothin
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -25,13 +26,15 @@ from .evaluation import Evaluation
 from .models import SweepModels
 from .report import OutputsIncomplete, write_outputs
 from .store import SweepStore
+from .verdicts import PairingError, verdicts
 
 
 class SweepLogger(Protocol):
     """Where a sweep reports besides its directory (W&B: callbacks.sweep_wandb.WandbSweepLogger)."""
 
     def cell(self, row: dict, grid: Tensor | None) -> None: ...  # each cell as it is stored (rank 0)
-    def sweep(self, rows: list[dict], figures: list[Path], out_dir: Path) -> None: ...  # once, at the end
+    def sweep(self, rows: list[dict], figures: list[Path], out_dir: Path,
+              verdicts: dict | None) -> None: ...  # once, at the end
 
 
 @dataclass
@@ -41,6 +44,7 @@ class SweepOutcome:
     rows: list[dict]
     out_dir: Path
     figures: list[Path] = field(default_factory=list)
+    verdicts: dict | None = None  # see lightning_modules.sweep.verdicts (None: fewer than 2 draws per cell)
 
     @property
     def csv(self) -> Path:
@@ -92,12 +96,25 @@ def sweep_and_report(config: SweepConfig, models: SweepModels, evaluation: Evalu
     with SweepStore.exclusive(out_dir) as store:  # the outputs too: report.md is always this CSV's
         rows = run_sweep(config, models, evaluation, store, dist=dist, autocast_dtype=autocast_dtype,
                          on_cell=on_cell)
+        found = sweep_verdicts(rows, store)
+        store.summary = {"verdicts": found}
         try:
-            figures = write_outputs(rows, out_dir, protocol, class_names)
+            figures = write_outputs(rows, out_dir, protocol, class_names, verdicts=found)
         except OutputsIncomplete as err:
             incomplete, figures = err, err.figures
     if logger is not None and rows:
-        logger.sweep(rows, figures, out_dir)
+        logger.sweep(rows, figures, out_dir, found)
     if incomplete is not None:
         raise incomplete
-    return SweepOutcome(rows, out_dir, figures)
+    return SweepOutcome(rows, out_dir, figures, found)
+
+
+def sweep_verdicts(rows: list[dict], store: SweepStore) -> dict | None:
+    """The verdicts of these rows, or None (with the reason printed) when their draws cannot be paired."""
+    if not rows or any(not r.get("draws") for r in rows):
+        return None
+    try:
+        return verdicts(rows, store.read_draws)
+    except PairingError as err:
+        print(f"[sweep] no paired verdicts: {err}", file=sys.stderr, flush=True)
+        return None

@@ -22,6 +22,7 @@ from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
 from .tables import interval_mean, mean_std, passes, passes_text, summary
+from .verdict_figure import verdict_figure, verdict_markdown
 
 HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
             "metrics_vs_gamma": "Metrics against γ", "front_fid_vs_accuracy": "FID–accuracy front",
@@ -80,7 +81,7 @@ class OutputsIncomplete(OptionError):
 
 
 def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None = None,
-                  class_names: list[str] | None = None) -> list[Path]:
+                  class_names: list[str] | None = None, verdicts: dict | None = None) -> list[Path]:
     """Draw every figure and write report.md (atomically); returns the PNG paths (for W&B).
 
     Raises OutputsIncomplete (after writing report.md and every figure it could) when a figure could not be
@@ -96,7 +97,8 @@ def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None =
         ("metrics_vs_scale", lambda: [metrics_vs_scale(rows, out_dir, title)]),
         ("metrics_vs_gamma", lambda: [metrics_vs_gamma(rows, out_dir, title)]),
         ("fronts", lambda: front_figures(rows, out_dir, title)),
-        ("grids", lambda: progression_figures(rows, out_dir, class_names, title, protocol.get("image_size")))]
+        ("grids", lambda: progression_figures(rows, out_dir, class_names, title, protocol.get("image_size"))),
+        ("paired_delta_fid", lambda: [verdict_figure(verdicts, out_dir, title)] if verdicts else [])]
     for name, draw in drawers:
         try:  # a figure that cannot be drawn must not cost the report (the rows are safe in sweep.csv)
             figures += draw()
@@ -104,7 +106,8 @@ def write_outputs(rows: list[dict], out_dir: str | Path, protocol: dict | None =
             failed.append(f"{name} ({err.strerror or err})")
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"{out_dir}: a sweep figure could not be drawn ({type(err).__name__}: {err})", stacklevel=2)
-    _atomic_write(out_dir / "report.md", render(rows, out_dir, protocol, class_names, figures).encode())
+    text = render(rows, out_dir, protocol, class_names, figures, verdicts)
+    _atomic_write(out_dir / "report.md", text.encode())
     if failed:
         raise OutputsIncomplete(out_dir, failed, figures)
     return figures
@@ -152,7 +155,7 @@ def _with_interval(cell: list[dict], key: str) -> str:
 
 
 def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[str] | None,
-           figures: list[Path]) -> str:
+           figures: list[Path], verdicts: dict | None = None) -> str:
     first, seeds = rows[0], sorted({r["seed"] for r in rows})
     rel = {p.stem if p.parent == out_dir else f"grids/{p.stem}": p.relative_to(out_dir).as_posix() for p in figures}
     dataset = protocol.get("dataset", "?")
@@ -187,6 +190,8 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
             "Mean ± std over seeds; — = one seed (no spread measured); [lo, hi] = 95% interval over the samples "
             "(random halves, averaged over seeds). FID is compared within this sweep only "
             f"({first['num_samples']} samples per cell).", ""]
+    if verdicts:
+        out += verdict_markdown(verdicts, rel.get("paired_delta_fid"))
     for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",
                  "front_precision_vs_recall"):
         if stem in rel:

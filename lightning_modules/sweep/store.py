@@ -42,9 +42,10 @@ COLUMNS = [
     "accuracy_lo", "accuracy_hi", "seconds",
     "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
     "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
+    "draws",
 ]
 TEXT = {"method", "sampler", "diffusion_sha", "classifier_sha", "guide_sha", "clean_classifier_sha", "extractor",
-        "signature", "grid", "same_as"}
+        "signature", "grid", "same_as", "draws"}
 INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step", "guide_step", "clean_classifier_step"}
 
 
@@ -76,6 +77,7 @@ class SweepStore:
         self.csv_path = self.directory / "sweep.csv"
         self.json_path = self.directory / "sweep.json"
         self.rows: list[dict] = self._read()
+        self.summary: dict = {}  # what sweep.json carries besides the rows (set by the orchestration)
 
     @classmethod
     @contextmanager
@@ -84,7 +86,7 @@ class SweepStore:
         killed writers are removed first, and sweep.json is rewritten from sweep.csv on the way out."""
         path = check_writable(directory)
         with exclusive_lock(path):
-            remove_stale_temp_files(path, path / "grids")
+            remove_stale_temp_files(path, path / "grids", path / "draws")
             store = cls(path)
             try:
                 yield store
@@ -92,9 +94,13 @@ class SweepStore:
                 store.write_json()
 
     def write_json(self) -> None:
-        """sweep.json = every row of sweep.csv (all signatures), re-read from the file itself."""
+        """sweep.json = {"rows": every row of sweep.csv (all signatures), re-read from the file itself, and
+        whatever the sweep put in `self.summary` (its verdicts)}."""
         self.rows = self._read()
-        _atomic_write(self.json_path, json.dumps(self.rows, indent=1).encode())
+        self._dump_json()
+
+    def _dump_json(self) -> None:
+        _atomic_write(self.json_path, json.dumps({"rows": self.rows, **self.summary}, indent=1, default=str).encode())
 
     # ------------------------------------------------------------------ reading
     def _read(self) -> list[dict]:
@@ -138,8 +144,8 @@ class SweepStore:
         for r in self.rows:
             if (r["signature"] == signature and r["method"] == method and r["seed"] == seed
                     and math.isclose(r["scale"], scale)):
-                grid = self.directory / r["grid"]
-                return grid.is_file() and grid.stat().st_size > 0
+                files = [self.directory / r["grid"], *([self.directory / r["draws"]] if r["draws"] else [])]
+                return all(f.is_file() and f.stat().st_size > 0 for f in files)
         return False
 
     def select(self, signature: str) -> list[dict]:
@@ -151,11 +157,25 @@ class SweepStore:
     def grid_path(self, signature: str, method: str, scale: float, seed: int) -> str:
         return f"grids/{method}_s{scale:g}_seed{seed}_{signature[:8]}.png"
 
-    def append(self, row: dict, grid_png: bytes) -> None:
-        """Record one finished cell: grid first (atomically), then its CSV line, then sweep.json."""
+    def draws_path(self, row: dict) -> str:
+        return f"draws/{Path(row['grid']).stem}.json"
+
+    def read_draws(self, row: dict) -> dict:
+        """A cell's draws record (its metrics on every random half and complement, in every feature space)."""
+        if not row.get("draws"):
+            raise ValueError(f"cell {row['method']} s={row['scale']:g} seed {row['seed']} has no draws file "
+                             "(sweep.bootstrap = 0, or written by an older version): it cannot be paired")
+        return json.loads((self.directory / row["draws"]).read_text())
+
+    def append(self, row: dict, grid_png: bytes, draws: dict | None = None) -> None:
+        """Record one finished cell: grid and draws first (atomically), then its CSV line, then sweep.json."""
         grid = self.directory / row["grid"]
         grid.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(grid, grid_png)
+        if draws is not None:
+            row = {**row, "draws": self.draws_path(row)}
+            (self.directory / "draws").mkdir(exist_ok=True)
+            _atomic_write(self.directory / row["draws"], json.dumps(draws).encode())
         new_file = not self.csv_path.exists()
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -167,7 +187,7 @@ class SweepStore:
             f.flush()
             os.fsync(f.fileno())
         self.rows.append(_parse(buffer.getvalue().splitlines(keepends=True)[-1]))
-        _atomic_write(self.json_path, json.dumps(self.rows, indent=1).encode())
+        self._dump_json()
 
 
 def _parse(line: str) -> dict | None:
