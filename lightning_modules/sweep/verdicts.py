@@ -197,8 +197,13 @@ def _interval(value: float, lo: float, hi: float) -> str:
     return "—" if math.isnan(value) else f"{value:+.3g} [{lo:+.3g}, {hi:+.3g}]"
 
 
+def _short(space: str) -> str:
+    return "-".join(space.split("-")[:3])  # evaluator-mlp-s1-<data>-<hash>… → evaluator-mlp-s1
+
+
 def verdict_table(v: dict) -> list[dict]:
-    """One line per (method, reference, place): ΔFID and Δrecall with their joint intervals and verdicts."""
+    """One line per (method, reference, place): ΔFID and Δrecall with their joint intervals and verdicts, the
+    samples per cell a tie would need, and the verdicts in the other feature spaces."""
     lines: dict[tuple, dict] = {}
     for c in v["comparisons"]:
         line = lines.setdefault((c["method"], c["vs"], c["at"]), {"method": c["method"], "vs": c["vs"],
@@ -207,11 +212,11 @@ def verdict_table(v: dict) -> list[dict]:
         line[c["metric"]] = c["verdict"]
         if c["metric"] == "fid":
             line["n to separate"] = "—" if c["samples_to_separate"] is None else str(c["samples_to_separate"])
-        if v["spaces"][1:]:
-            others = "; ".join(f"{s}: {w}" for s, w in c["spaces"].items())
-            line.setdefault("other rulers", "")
-            line["other rulers"] = "; ".join(x for x in (line["other rulers"], f"{c['metric']} {others}") if x)
-    return list(lines.values())
+        for space, word in c["spaces"].items():
+            line[f"{c['metric']} in {_short(space)}"] = word
+    order = ["method", "vs", "at", "Δfid [lo, hi]", "fid", "Δrecall [lo, hi]", "recall", "n to separate"]
+    return [{k: line[k] for k in [*order, *sorted(set(line) - set(order))] if k in line}
+            for line in lines.values()]
 
 
 def verdict_summary(v: dict) -> list[str]:
@@ -223,7 +228,8 @@ def verdict_summary(v: dict) -> list[str]:
             f"selection effect (in-sample best FID − held-out best FID, each on half the samples): {effects}",
             f"intervals and verdicts hold jointly at {v['joint_level']:.0%} over the {v['comparisons_shown']} "
             f"comparisons shown ({v['adjustment']}, z = {v['z']:.2f}); paired over {len(v['seeds'])} seed(s) × "
-            f"{v['samples_per_cell']} samples; 'n to separate' assumes the interval shrinks as 1/√n"]
+            f"{v['samples_per_cell']} samples; 'n to separate' = samples per cell and seed (same seeds) at which "
+            "the observed Δfid would be decided, assuming the interval shrinks as 1/√n"]
 
 
 def verdict_text(v: dict) -> str:
