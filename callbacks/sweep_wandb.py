@@ -27,8 +27,8 @@ from typing import Any
 from PIL import Image as PILImage
 from torch import Tensor
 
+from lightning_modules.evaluation.registry import METRICS
 from lightning_modules.sweep import COLUMNS, SweepConfig, aggregate, summary
-from lightning_modules.sweep.plots import METRICS
 from lightning_modules.sweep.store import png_bytes
 
 CURVE_COLUMNS = ["method", "metric", "scale", "gamma", "mean", "std", "lower", "upper", "seeds"]

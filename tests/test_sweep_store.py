@@ -121,3 +121,11 @@ def test_a_full_disk_while_drawing_figures_is_an_error_after_everything_else(tmp
     outcome = sweep_and_report(config(tmp_path), make_models(), evaluation, tmp_path, PROTOCOL)  # rerun: redrawn
     assert outcome.figures and all(p.is_file() for p in outcome.figures)
     assert "best_fid_vs_cost.png" in "\n".join(outcome.path_lines())
+
+
+def test_a_row_key_the_store_does_not_know_raises_instead_of_being_dropped(tmp_path):
+    store = SweepStore(tmp_path)
+    with pytest.raises(ValueError, match=r"\['fd_dinov2'\].*store.COLUMNS"):
+        store.append({"method": "cfg", "scale": 1.0, "seed": 0, "grid": "grids/x.png", "signature": "s",
+                      "fd_dinov2": 1.0}, b"png")
+    assert not (tmp_path / "sweep.csv").exists() and not (tmp_path / "grids").exists()

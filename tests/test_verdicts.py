@@ -111,3 +111,24 @@ def test_cells_that_are_not_the_same_draws_are_refused(tmp_path, evaluation):
 
     with pytest.raises(PairingError, match="cannot be paired.*reference"):
         verdicts(a, other_reference)
+
+
+def test_verdicts_reach_the_wandb_summary_and_a_table(tmp_path, evaluation):
+    from callbacks.sweep_wandb import log_verdicts
+
+    class Run:
+        def __init__(self):
+            self.summary, self.logged = {}, []
+
+        def log(self, payload):
+            self.logged.append(payload)
+
+    v = sweep_and_report(study(tmp_path), make_models(), evaluation, tmp_path, PROTOCOL).verdicts
+    run = Run()
+    log_verdicts(run, v)
+    (table,) = [p["sweep/verdicts"] for p in run.logged]
+    assert len(table.data) == len(v["comparisons"])
+    c = v["comparisons"][0]
+    key = f"verdict/{c['method']}_vs_{c['vs']}/{c['at'].replace(' ', '_')}/{c['metric']}"
+    assert run.summary[key] == pytest.approx(c["delta"]) and run.summary[f"{key}/verdict"] == c["verdict"]
+    assert run.summary["verdict/ranking"] == [" = ".join(g) for g in v["ranking"]]

@@ -26,18 +26,9 @@ import torch
 from torch import Tensor
 
 from .metrics import classifier_score, fid_from_stats, target_accuracy
+from .registry import METRICS, RANGES
 
-METRICS = ("fid", "kid", "score", "precision", "recall", "accuracy")
-# Each metric's possible values (lo, hi); the score's upper end is the number of classes the logits cover.
-# A centred interval (full value ± the halves' spread) can leave them, e.g. FID < 0 when it is near 0.
-METRIC_RANGES: dict[str, tuple[float, float]] = {
-    "fid": (0.0, math.inf),  # a squared distance
-    # The population MMD² is ≥ 0, but KID's unbiased estimator (the point value) can itself be slightly
-    # negative: the point value is reported as computed, and its interval reaches down to it, no further.
-    "kid": (0.0, math.inf),
-    "score": (1.0, math.inf),  # exp(mean KL) ≥ 1, and ≤ the class count (set per call)
-    "precision": (0.0, 1.0), "recall": (0.0, 1.0), "accuracy": (0.0, 1.0),  # shares
-}
+METRIC_RANGES = RANGES  # each metric's possible values; a centred interval can leave them (FID < 0 near 0)
 
 
 def clip_interval(lo: float, hi: float, low: float, high: float) -> tuple[float, float]:

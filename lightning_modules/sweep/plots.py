@@ -21,15 +21,12 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from lightning_modules.evaluation.registry import REGISTRY  # noqa: E402
 from lightning_modules.files import atomic_write as _atomic_write  # noqa: E402
 
 from .tables import aggregate, best_index  # noqa: E402
 
-METRICS = ("fid", "kid", "score", "precision", "recall", "accuracy")
-METRIC_LABEL = {"fid": ("FID", "lower is better"), "kid": ("KID", "lower is better"),
-                "score": ("classifier score (IS-like)", "higher is better"),
-                "precision": ("precision", "higher is better"), "recall": ("recall", "higher is better"),
-                "accuracy": ("target-class accuracy", "higher is better")}
+METRIC_LABEL = {m.name: (m.label, m.direction) for m in REGISTRY}
 METHOD_STYLE = {"cfg": ("CFG", "tab:blue", "o"), "cg_cond": ("CG on the conditional branch", "tab:orange", "s"),
                 "cg_uncond": ("CG on the unconditional branch", "tab:green", "^"),
                 "cfg+cg": ("CFG + fixed CG", "tab:red", "D"), "none": ("no guidance", "tab:gray", "x"),

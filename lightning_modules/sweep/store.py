@@ -29,17 +29,18 @@ from pathlib import Path
 from torch import Tensor
 
 from lightning_modules.diffusion import OptionError
+from lightning_modules.evaluation.registry import METRICS
 from lightning_modules.files import atomic_write as _atomic_write
 from lightning_modules.files import exclusive_lock, remove_stale_temp_files
 
 from .grids import encode_grid
 
+# Per metric of the registry: its value, then its 95% interval over samples (KID also its subset std).
+_METRIC_COLUMNS = [c for m in METRICS for c in (m, *(["kid_std"] if m == "kid" else []), f"{m}_lo", f"{m}_hi")]
 COLUMNS = [
     "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
     "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample", "unet_equivalents_per_sample",
-    "thresholded_fraction", "fid", "fid_lo", "fid_hi", "kid", "kid_std", "kid_lo", "kid_hi", "score", "score_lo",
-    "score_hi", "precision", "precision_lo", "precision_hi", "recall", "recall_lo", "recall_hi", "accuracy",
-    "accuracy_lo", "accuracy_hi", "seconds",
+    "thresholded_fraction", *_METRIC_COLUMNS, "seconds",
     "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
     "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
     "draws",
@@ -169,6 +170,9 @@ class SweepStore:
 
     def append(self, row: dict, grid_png: bytes, draws: dict | None = None) -> None:
         """Record one finished cell: grid and draws first (atomically), then its CSV line, then sweep.json."""
+        unknown = sorted(set(row) - set(COLUMNS))
+        if unknown:  # a value the CSV would silently drop: a new metric or field must get its column
+            raise ValueError(f"row keys {unknown} are not columns of sweep.csv (store.COLUMNS): add them there")
         grid = self.directory / row["grid"]
         grid.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(grid, grid_png)

@@ -37,11 +37,11 @@ from lightning_modules.evaluation.paired import (
     samples_to_separate,
     verdict,
 )
+from lightning_modules.evaluation.registry import LOWER_IS_BETTER
 
 from .tables import MATCHED_ACCURACY, matched_level
 
 COMPARED = ("fid", "recall")  # the metrics every verdict reports
-LOWER_IS_BETTER = {"fid": True, "kid": True, "score": False, "precision": False, "recall": False, "accuracy": False}
 IDENTITY = ("n", "draws", "labels_sha", "halves_sha", "extractor", "reference")  # what makes draws pairable
 
 
