@@ -156,8 +156,13 @@ def comparisons(methods: dict[str, MethodDraws], references: list[str], level: f
     return out
 
 
+def _defined(d: Difference) -> bool:
+    # A matched-strength difference is undefined where a draw never reaches the matched level (NaN draws).
+    return math.isfinite(d.estimate) and math.isfinite(d.se)
+
+
 def _word(d: Difference, z: float, lower_is_better: bool) -> str:
-    return "—" if math.isnan(d.estimate) else verdict(d, z, lower_is_better)
+    return verdict(d, z, lower_is_better) if _defined(d) else "—"
 
 
 def verdicts(rows: list[dict], read: Callable[[dict], dict]) -> dict:
@@ -172,7 +177,7 @@ def verdicts(rows: list[dict], read: Callable[[dict], dict]) -> dict:
     references = list(dict.fromkeys([ordered[0], *(["cfg"] if "cfg" in methods else [])]))
     level = matched_level(rows, target=MATCHED_ACCURACY)
     shown = {s: comparisons(per_space[s], references, level) for s in spaces}
-    z = bonferroni_z(max(1, sum(not math.isnan(c.difference.estimate) for c in shown[main])))
+    z = bonferroni_z(max(1, sum(_defined(c.difference) for c in shown[main])))
     n = methods[ordered[0]].identity["n"]
     table = []
     for i, c in enumerate(shown[main]):
@@ -189,7 +194,7 @@ def verdicts(rows: list[dict], read: Callable[[dict], dict]) -> dict:
                   "in_sample_fid": float(best[m].in_sample.mean()), "selection_effect": best[m].selection_effect}
                  for m in ordered]
     return {"comparisons": table, "ranking": groups, "selection": selection, "z": z, "joint_level": 0.95,
-            "adjustment": "Bonferroni", "comparisons_shown": len(table), "spaces": spaces,
+            "adjustment": "Bonferroni", "comparisons_shown": sum(c["verdict"] != "—" for c in table), "spaces": spaces,
             "samples_per_cell": n, "seeds": list(methods[ordered[0]].seeds), "matched_accuracy": level}
 
 
@@ -208,7 +213,8 @@ def verdict_table(v: dict) -> list[dict]:
     for c in v["comparisons"]:
         line = lines.setdefault((c["method"], c["vs"], c["at"]), {"method": c["method"], "vs": c["vs"],
                                                                   "at": c["at"]})
-        line[f"Δ{c['metric']} [lo, hi]"] = _interval(c["delta"], c["lo"], c["hi"])
+        line[f"Δ{c['metric']} [lo, hi]"] = _interval(c["delta"], c["lo"], c["hi"]) if c["verdict"] != "—" else (
+            "—" if math.isnan(c["delta"]) else f"{c['delta']:+.3g} [level not reached on every draw]")
         line[c["metric"]] = c["verdict"]
         if c["metric"] == "fid":
             line["n to separate"] = "—" if c["samples_to_separate"] is None else str(c["samples_to_separate"])
