@@ -141,3 +141,15 @@ def test_intervals_are_clipped_to_each_metrics_range():
         assert low <= out[f"{m}_lo"] <= point[m] <= out[f"{m}_hi"] <= high, m
     assert clip_interval(-1.0, 2.0, 0.0, 1.0) == (0.0, 1.0)
     assert all(math.isnan(v) for v in clip_interval(math.nan, math.nan, 0.0, 1.0))  # undefined stays undefined
+
+
+def test_each_half_and_its_complement_are_disjoint_and_equally_sized_per_class():
+    from lightning_modules.evaluation.intervals import complements
+
+    labels = torch.arange(256) % 10  # 26 or 25 per class: odd counts
+    halves = half_indices(labels, 8)
+    rest = complements(halves, labels)
+    assert rest.shape == halves.shape
+    for h, r in zip(halves, rest):
+        assert not set(h.tolist()) & set(r.tolist())
+        assert torch.equal(torch.bincount(labels[h], minlength=10), torch.bincount(labels[r], minlength=10))

@@ -112,12 +112,22 @@ def kid_of_subsets(real: Tensor, fake: Tensor, subsets: Tensor, real_term: bool 
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def complements(halves: Tensor, n: int) -> Tensor:
-    """(draws, n − m) indices of every sample not in each half (the disjoint other half: a stratified half
-    takes ⌊count/2⌋ of each class, so every complement has the same size)."""
-    keep = torch.ones(len(halves), n, dtype=torch.bool, device=halves.device)
-    keep.scatter_(1, halves, False)
-    return torch.stack([torch.nonzero(row).flatten() for row in keep]) if len(halves) else halves
+def complements(halves: Tensor, strata: Tensor) -> Tensor:
+    """(draws, m) indices of a disjoint other half for each half: per stratum, the samples not in the half, cut
+    to the half's own count (a class with an odd count leaves its last unused sample out). Equal sizes matter:
+    a held-out value on more samples than its in-sample twin would look better by FID's small-sample bias
+    alone."""
+    strata = strata.to(halves.device)
+    out = []
+    for half in halves:
+        taken = torch.zeros(len(strata), dtype=torch.bool, device=halves.device)
+        taken[half] = True
+        parts = []
+        for c in torch.unique(strata):
+            members = torch.nonzero(strata == c).flatten()
+            parts.append(members[~taken[members]][: int(taken[members].sum())])
+        out.append(torch.cat(parts))
+    return torch.stack(out) if out else halves
 
 
 def subset_values(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
@@ -142,7 +152,10 @@ def metric_draws(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Ten
     strata = labels if strata is None else strata
     halves = half_indices(torch.zeros(len(feats)) if strata is None else strata, draws).to(feats.device)
     half = subset_values(ref_feats, ref_stats, feats, logits, labels, halves, k)
-    rest = subset_values(ref_feats, ref_stats, feats, logits, labels, complements(halves, len(feats)), k)
+    stratum = torch.zeros(len(feats), dtype=torch.long) if strata is None else strata
+    if len(stratum) and int(torch.unique(stratum.cpu(), return_counts=True)[1].min()) < 2:
+        stratum = torch.zeros(len(feats), dtype=torch.long)  # as half_indices: unstratified halves
+    rest = subset_values(ref_feats, ref_stats, feats, logits, labels, complements(halves, stratum), k)
     return halves, half, rest
 
 
