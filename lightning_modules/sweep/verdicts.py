@@ -136,11 +136,12 @@ def comparisons(methods: dict[str, MethodDraws], references: list[str], level: f
     """Every method against each reference method, ΔFID and Δrecall at the held-out best scale and at matched
     strength (NaN where a method never reaches the matched level)."""
     best = {m: d.best() for m, d in methods.items()}
-    out = []
+    out, pairs = [], set()
     for ref in references:
         for method, d in methods.items():
-            if method == ref:
+            if method == ref or frozenset((method, ref)) in pairs:  # each pair once (the best against CFG)
                 continue
+            pairs.add(frozenset((method, ref)))
             check_pairable(d, methods[ref])
             for metric in COMPARED:
                 if metric == "fid":
