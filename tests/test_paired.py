@@ -27,7 +27,7 @@ from lightning_modules.sweep.tables import matched_strength
 
 DIM, N, DRAWS = 8, 256, 50
 HALVES = half_indices(torch.zeros(N), DRAWS, seed=0)
-RESTS = complements(HALVES, N)
+RESTS = complements(HALVES, torch.zeros(N))
 # The reference N(0, I): its exact moments, as a sweep passes `reference_moments` of the real features.
 MU_R, SIGMA_R, ROOT_R = reference_moments(torch.zeros(DIM), torch.eye(DIM))
 F64 = torch.float64
