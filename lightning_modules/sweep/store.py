@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,9 +56,9 @@ def check_writable(directory: str | Path, option: str = "sweep.output_dir") -> P
     path = Path(directory)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
+        probe = path / f".write-test-{os.getpid()}-{threading.get_ident()}"  # unique per writer, also per thread
         probe.write_bytes(b"ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise OptionError(option, f"cannot write to {path} ({err.strerror or err})",
                           "choose a writable directory (or fix its permissions / free space)") from err
