@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from lightning_modules.files import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """Write to a temporary file then rename, so a concurrent reader (another DDP rank, another job
-    sharing the cache) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# One atomic writer for the whole project (temp file beside the target, fsync, rename).
+atomic_torch_save = atomic_save
 
 
 def _load_cached_evaluator(path: Path, net: nn.Module) -> float | None:
