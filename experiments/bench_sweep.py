@@ -41,7 +41,7 @@ from lightning_modules.evaluation import (
 )
 from lightning_modules.evaluation.features import to_uint8_range
 from lightning_modules.evaluation.metrics import reference_moments
-from lightning_modules.sweep import Evaluation, SweepConfig, SweepModels, plan_jobs, run_job, signature
+from lightning_modules.sweep import Evaluation, SweepConfig, SweepModels, plan_jobs, run_job, signatures
 
 # The CIFAR-scale target: 8 scales per method, native scales of each method (cfg: s_cfg, cg_cond: s_cg).
 SWEEP_SCALES = {"cfg": (0.0, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0), "cg_cond": (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)}
@@ -204,13 +204,13 @@ def time_sweep(models: SweepModels, config: SweepConfig, evaluation: Evaluation,
     step count), then timed. Seconds are raw floats; sampling = each job's wall minus the engine's
     metrics_seconds (features + cell metrics). Costs are the engine's rows, summed over cells for the totals
     (per-sample cost x samples: the work each cell needs by itself)."""
-    sig = signature(config, models, evaluation, autocast_dtype is not None)
-    jobs = plan_jobs(config, None, sig)
+    sigs = signatures(config, models, evaluation, autocast_dtype is not None)
+    jobs = plan_jobs(config, None, sigs)
     warm = replace(config, sampling=replace(config.sampling, steps=min(2, config.sampling.steps)))
     with torch._dynamo.config.patch(**DYNAMO_LIMITS):
         t0 = time.perf_counter()
         for job in jobs:
-            run_job(models, warm, evaluation, job, sig, autocast_dtype=autocast_dtype)
+            run_job(models, warm, evaluation, job, sigs[job.method], autocast_dtype=autocast_dtype)
         synchronize(models.device)
         warmup_seconds = time.perf_counter() - t0
         log(f"warm-up {warmup_seconds:.1f}s; timing {len(jobs)} jobs")
@@ -218,7 +218,7 @@ def time_sweep(models: SweepModels, config: SweepConfig, evaluation: Evaluation,
         start = time.perf_counter()
         for job in jobs:
             t0 = time.perf_counter()
-            results.append(run_job(models, config, evaluation, job, sig, autocast_dtype=autocast_dtype))
+            results.append(run_job(models, config, evaluation, job, sigs[job.method], autocast_dtype=autocast_dtype))
             per_method[job.method] = time.perf_counter() - t0
             sampling += per_method[job.method] - results[-1].metrics_seconds
             log(f"{job.method}: {len(job.scales)} scales, {per_method[job.method]:.1f}s")

@@ -4,6 +4,7 @@ digits, end to end, on a CPU.
     python -m experiments.compare                 # ≈10 minutes on 2 CPU cores
     python -m experiments.compare --seeds 0 1 2   # error bars over sampling seeds
     python -m experiments.compare --sweep_recipe configs/experiments/digits_sweep_frontier.yaml   # every method
+    python -m experiments.compare --p_uncond 0 --sweep_recipe configs/experiments/digits_sweep_no_dropout.yaml
 
 Stages: noisy classifier → clean classifier → CFG diffusion model (keeping its own guide snapshots) →
 guidance sweep (evaluator trained/cached on the way). Each stage lives in a directory keyed by a hash of its
@@ -134,6 +135,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="sampling steps")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the diffusion recipe's max_steps")
     p.add_argument("--classifier_steps", type=int, default=None, help="override both classifiers' max_steps")
+    p.add_argument("--p_uncond", type=float, default=None,
+                   help="override the diffusion recipe's label-dropout rate (0: no null label, e.g. for "
+                        "configs/experiments/digits_sweep_no_dropout.yaml, which sweeps ICG on such a model)")
     p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),
                    help="the sweep's YAML (methods, scale grids, sampler); "
                         "configs/experiments/digits_sweep_frontier.yaml runs every method")
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diff_args = ["--config", str(CONFIGS / "digits_diffusion.yaml")]
     if args.diffusion_steps:
         diff_args += ["--trainer.max_steps", str(args.diffusion_steps)]
+    if args.p_uncond is not None:
+        diff_args += ["--model.init_args.p_uncond", str(args.p_uncond)]
     group = study_group(root)
     classifier = fit_stage(root, "classifier", cls_args, group)
     clean_args = ["--config", str(CONFIGS / "digits_clean_classifier.yaml")]

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from experiments.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +18,17 @@ TINY_NET = ["--model.init_args.base_channels=16", "--model.init_args.channel_mul
 FAST_TRAINER = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                 "--trainer.check_val_every_n_epoch=1", "--trainer.limit_val_batches=1",
                 "--trainer.log_every_n_steps=1"]
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.graphs += 1
+        return gm.forward
 
 
 def fit(kind: str, save_dir: Path, steps: int = 6, extra: list[str] = ()) -> Path:

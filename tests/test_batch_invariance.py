@@ -55,8 +55,9 @@ def models() -> SweepModels:
 
 
 def _options(schedule: str, exact: bool) -> GuidanceOptions:
-    return GuidanceOptions(**BANDS, scale_schedule=schedule, cfg_rescale=0.7, combo_cg_scale=0.5, apg_eta=0.3,
-                           apg_momentum=-0.5, apg_threshold=0.5, cg_clean_temperature=2.0, cg_clean_exact=exact)
+    return GuidanceOptions(**BANDS, scale_schedule=schedule, cfg_rescale=0.7, cfg_cg={"cg_scale": 0.5},
+                           apg={"eta": 0.3, "momentum": -0.5, "threshold": 0.5},
+                           cg_clean={"temperature": 2.0, "exact": exact})
 
 
 def _draw(models: SweepModels, method: str, options: GuidanceOptions, sampling: SamplerOptions,
@@ -66,7 +67,7 @@ def _draw(models: SweepModels, method: str, options: GuidanceOptions, sampling: 
     den = GuidedDenoiser(models.diffusion.net, models.schedule, index % models.num_classes, models.num_classes,
                          method, [s for s, _ in items], grad_fn=models.grad_fn, prediction=models.prediction,
                          options=options, guide=models.guide.net, guide_prediction="eps",
-                         log_prob_x0=models.clean_log_prob(options.cg_clean_temperature))
+                         log_prob_x0=models.clean_log_prob)
     return sample(den, models.shape, sample_keys(SEED, index), sampling)
 
 
@@ -109,8 +110,8 @@ def test_one_step_of_a_row_does_not_depend_on_the_other_scales(models, method, s
     def step(scales: list[float], rows: torch.Tensor, t: int):
         den = GuidedDenoiser(models.diffusion.net, models.schedule, rows % models.num_classes, models.num_classes,
                              method, scales, grad_fn=models.grad_fn, options=options, guide=models.guide.net,
-                             log_prob_x0=models.clean_log_prob(options.cg_clean_temperature))
-        out = den.at(x[rows], t)
+                             log_prob_x0=models.clean_log_prob)
+        out = den.at(x[rows], t, keys=sample_keys(SEED, rows))
         zeros = torch.zeros_like(out.eps)
         return out.eps, zeros if out.score is None else out.score, out.eps if out.eps_renoise is None \
             else out.eps_renoise

@@ -145,8 +145,8 @@ def test_sweep_reports_the_engine_cost_of_every_cell(tiny_models, tiny_evaluatio
     steps, n = 3, 4
     config = SweepConfig(methods=["cfg", "cg_cond", "cfg+cg"], scales={"cfg": [0.0, 1.0, 3.0], "cg_cond": [0.0, 2.0],
                          "cfg+cg": [1.0, 2.0]}, num_samples=n, batch_size=5, sampling=SamplerOptions(steps=steps),
-                         guidance=GuidanceOptions(combo_cg_scale=0.5, interval=(0, 500)), classifier_ckpt="random",
-                         grid_size=1, progress=False)
+                         guidance=GuidanceOptions(cfg_cg={"cg_scale": 0.5}, interval=(0, 500)),
+                         classifier_ckpt="random", grid_size=1, progress=False)
     timed = bench_sweep.time_sweep(tiny_models, config, tiny_evaluation)
     jobs = [("cfg", (0.0, 1.0, 3.0)), ("cg_cond", (0.0, 2.0)), ("cfg+cg", (1.0, 2.0))]
     assert calls == [(*job, 2) for job in jobs] + [(*job, steps) for job in jobs]

@@ -23,18 +23,9 @@ from lightning_modules.diffusion import (
 from lightning_modules.diffusion.samplers import compiled_step
 from lightning_modules.networks import EncoderClassifier, UNet
 
+from .helpers import CountingBackend
+
 NUM_CLASSES, SIZE, N = 10, 8, 12
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +103,8 @@ def test_inductor_compiled_sampling_matches_eager(nets):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["apg", "autoguidance", "cfgpp"])
+@pytest.mark.parametrize("method", ["apg", "autoguidance", "cfgpp", "icg", "tsg", "pag", "seg", "autoguidance_degraded",
+                                    "cfg_zero_star", "fbg"])
 def test_new_rules_compile_to_one_graph_per_step_kind(nets, method):
     net, _ = nets
     backend = CountingBackend()
@@ -128,4 +120,4 @@ def test_new_rules_compile_to_one_graph_per_step_kind(nets, method):
     eager = draw(None)
     compiled = draw("default")
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    assert backend.graphs == 1
+    assert backend.graphs == (2 if method == "cfg_zero_star" else 1)  # CFG-Zero*: its zeroed first step is a kind

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo DDP), the same code path as multi-GPU: fits and the sweep."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_ddp_fit_advances_on_both_ranks_and_resumes(tmp_path):
 
 def test_ddp_sweep_equals_single_process_with_uneven_split(tmp_path):
     cls, diff = fit("classifier", tmp_path / "cls"), fit("diffusion", tmp_path / "diff")
-    scales = {"cfg": [0.0, 2.0], "cg_cond": [1.0], "apg": [2.0], "autoguidance": [2.0]}
+    scales = {"cfg": [0.0, 2.0], "cg_cond": [1.0], "apg": [2.0], "autoguidance": [2.0], "icg": [2.0], "tsg": [2.0],
+              "pag": [1.0], "seg": [1.0], "autoguidance_degraded": [2.0], "cfg_zero_star": [2.0], "fbg": [3.0]}
     # 31 samples per cell: 2 ranks get 16 and 15 items of each pass. Dynamic thresholding is summed across
     # ranks like the features; autoguidance takes the fit's own snapshot as its guide.
     extra = ["--sweep.num_samples=31", "--sweep.guide_ckpt=snapshot:1/4", "--sweep.sampling.threshold=0.995"]
@@ -52,9 +54,11 @@ def test_ddp_sweep_equals_single_process_with_uneven_split(tmp_path):
     run_cli(double, tmp_path)
     rows1 = list(csv.DictReader(open(tmp_path / "one" / "sweep.csv")))
     rows2 = list(csv.DictReader(open(tmp_path / "two" / "sweep.csv")))
-    assert len(rows1) == len(rows2) == 5  # rank 0 alone wrote: no duplicated rows
+    assert len(rows1) == len(rows2) == 12  # rank 0 alone wrote: no duplicated rows
     for a, b in zip(rows1, rows2):
         assert (a["method"], a["scale"], a["num_samples"]) == (b["method"], b["scale"], b["num_samples"])
         for metric in ("fid", "kid", "score", "precision", "recall", "accuracy", "thresholded_fraction"):
             assert float(a[metric]) == pytest.approx(float(b[metric]), rel=1e-4, abs=1e-5), metric
+        if a["method"] == "fbg":  # its mean λ per step, gathered across ranks like the features
+            assert json.loads(a["guidance_trace"])["lambda"] == pytest.approx(json.loads(b["guidance_trace"])["lambda"])
     assert len(list((tmp_path / "l2" / "wandb").glob("offline-run-*"))) == 1  # only rank 0 logs to W&B

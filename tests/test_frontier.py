@@ -47,12 +47,12 @@ SCALES = [0.5, 1.0, 2.0, 3.0, 4.0, 6.0]
 
 
 def test_apg_with_eta_one_no_momentum_no_threshold_is_cfg():
-    apg = make_rule("apg", GuidanceOptions(apg_eta=1.0, apg_momentum=0.0, apg_threshold=None))
+    apg = make_rule("apg", GuidanceOptions(apg={"eta": 1.0, "momentum": 0.0, "threshold": None}))
     torch.testing.assert_close(draw(apg, SCALES), draw("cfg", SCALES), atol=1e-5, rtol=1e-5)
 
 
 def test_apg_defaults_differ_from_cfg_and_do_not_depend_on_the_parameterisation():
-    apg = make_rule("apg", GuidanceOptions(apg_threshold=2.0))  # paper: η = 0, β < 0
+    apg = make_rule("apg", GuidanceOptions(apg={"threshold": 2.0}))  # paper: η = 0, β < 0
     eps_samples = draw(apg, SCALES)
     assert not torch.allclose(eps_samples, draw("cfg", SCALES), atol=1e-3)
     schedule = NoiseSchedule("cosine", 1000)
@@ -153,7 +153,7 @@ def test_sigma_interval_guides_only_inside_the_noise_band():
 def test_dpmpp_first_order_step_is_ddim():
     """x_s = (σ_s/σ_t)·x_t + a_s(1 − e^{−h})·D equals DDIM's a_s·D + σ_s·ε with ε = (x_t − a_t·D)/σ_t."""
     ab_t, ab_s = 0.3, 0.6
-    ratio, c_d, c_cur, c_prev = _dpmpp_row(ab_t, ab_s, None, False)
+    ratio, c_d, c_cur, c_prev = _dpmpp_row(ab_t, ab_s, None, 0, 20, SamplerOptions(sampler="dpmpp_2m"))
     x, d = torch.randn(5), torch.randn(5)
     a_t, s_t, a_s, s_s = (math.sqrt(v) for v in (ab_t, 1 - ab_t, ab_s, 1 - ab_s))
     ddim = a_s * d + s_s * (x - a_t * d) / s_t
@@ -215,23 +215,21 @@ def _oracle64(schedule, mu, sigma, x, t):
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
 @pytest.mark.parametrize("method", list(RULES))
 def test_every_method_runs_on_every_sampler(method, sampler):
-    from functools import partial
+    """On a real (tiny, random) UNet, so the perturbation methods find their attention and time embedding."""
+    from lightning_modules.diffusion import clean_log_prob
 
-    from lightning_modules.diffusion import classifier_grad, clean_log_prob
+    from .test_sweep_engine import make_models
 
-    from .test_guidance import TinyClassifier
-
+    models, guide = make_models(), make_models(seed=1).diffusion
     rule = make_rule(method)
-    schedule = NoiseSchedule("cosine", 1000)
-    labels = torch.arange(4) % NUM_CLASSES
+    labels = torch.arange(4) % models.num_classes
     scales = [0.0, 0.3, 0.7, 1.0] if method == "cfgpp" else [0.0, 1.0, 2.0, 3.0]
-    den = GuidedDenoiser(TinyNet(), schedule, labels, NUM_CLASSES, rule, scales,
-                         grad_fn=partial(classifier_grad, TinyClassifier()), guide=_perturbed(TinyNet()),
-                         log_prob_x0=clean_log_prob(TinyClassifier()))
+    den = GuidedDenoiser(models.diffusion.net, models.schedule, labels, models.num_classes, rule, scales,
+                         grad_fn=models.grad_fn, guide=guide.net, log_prob_x0=clean_log_prob(models.classifier.net))
     stats = {}
-    out = sample(den, SHAPE, sample_keys(0, torch.arange(4)), SamplerOptions(sampler, 6, threshold=0.995),
+    out = sample(den, models.shape, sample_keys(0, torch.arange(4)), SamplerOptions(sampler, 6, threshold=0.995),
                  stats=stats)
-    assert out.shape == (4, *SHAPE) and torch.isfinite(out).all() and out.abs().max() <= 1
+    assert out.shape == (4, *models.shape) and torch.isfinite(out).all() and out.abs().max() <= 1
     assert stats["thresholded_steps"].shape == (4,)
 
 
@@ -282,8 +280,8 @@ def test_cg_clean_gradient_matches_finite_differences(exact):
     schedule = NoiseSchedule("cosine", 1000)
     net, clf = TinyNet().double(), CleanClassifier().double()
     labels = torch.tensor([0, 2])
-    log_prob = clean_log_prob(clf, temperature=2.0)
-    rule = make_rule("cg_clean", GuidanceOptions(cg_clean_exact=exact))
+    log_prob = clean_log_prob(clf)
+    rule = make_rule("cg_clean", GuidanceOptions(cg_clean={"exact": exact, "temperature": 2.0}))
     den = GuidedDenoiser(net, schedule, labels, NUM_CLASSES, rule, 1.0, log_prob_x0=log_prob)
     x = torch.randn(2, *SHAPE, dtype=torch.float64)
     t, ab = 400, schedule.alphas_cumprod[400]
@@ -295,7 +293,7 @@ def test_cg_clean_gradient_matches_finite_differences(exact):
         return (z - s * net(z, tt, labels)) / a
 
     def objective(z):  # exact: through the network; cheap: ∇ at x̂0, divided by √ᾱ_t
-        return log_prob(x0_of(z), labels).sum()
+        return log_prob(x0_of(z), labels, 2.0).sum()
 
     x0 = x0_of(x)
     for idx in [(0, 0, 1, 2), (1, 0, 3, 0)]:
@@ -304,7 +302,7 @@ def test_cg_clean_gradient_matches_finite_differences(exact):
         if exact:
             fd = (objective(x + bump) - objective(x - bump)) / 2e-6
         else:
-            fd = (log_prob(x0 + bump, labels).sum() - log_prob(x0 - bump, labels).sum()) / 2e-6 / a
+            fd = (log_prob(x0 + bump, labels, 2.0).sum() - log_prob(x0 - bump, labels, 2.0).sum()) / 2e-6 / a
         assert abs(fd.item() - g[idx].item()) < 1e-6
     assert all(torch.all(seen == 0) for seen in clf.seen_t)  # the clean classifier always sees t = 0
 

@@ -141,7 +141,7 @@ def test_per_sample_scale_vector_equals_separate_runs(setup, method):
     n = 4
     labels = torch.arange(n) % NUM_CLASSES
     keys = sample_keys(7, torch.arange(n))
-    rule = make_rule(method, GuidanceOptions(combo_cg_scale=0.5, apg_threshold=1.0))
+    rule = make_rule(method, GuidanceOptions(cfg_cg={"cg_scale": 0.5}, apg={"threshold": 1.0}))
     extra = {"grad_fn": partial(classifier_grad, TinyClassifier()), "guide": _weaker(TinyNet()),
              "log_prob_x0": clean_log_prob(TinyClassifier())}
     batched = sample(GuidedDenoiser(TinyNet(), schedule, labels.repeat(3), NUM_CLASSES, rule,
@@ -164,7 +164,7 @@ def test_gamma_common_axis():
     assert make_rule("cfg").gamma(3.0) == 3.0
     assert make_rule("cg_cond").gamma(2.0) == 3.0
     assert make_rule("cg_uncond").gamma(2.0) == 2.0
-    assert make_rule("cfg+cg", GuidanceOptions(combo_cg_scale=0.5)).gamma(2.0) == 2.5
+    assert make_rule("cfg+cg", GuidanceOptions(cfg_cg={"cg_scale": 0.5})).gamma(2.0) == 2.5
     with pytest.raises(OptionError, match="methods.*cfg"):
         make_rule("bogus")
 
@@ -209,7 +209,7 @@ def test_classifier_guidance_without_gradient_function_is_a_clear_error(setup):
 @pytest.mark.parametrize("bad,option", [
     ({"interval": (600, 100)}, "interval"), ({"interval": (-1, 100)}, "interval"),
     ({"scale_schedule": "cubic"}, "scale_schedule"), ({"cfg_rescale": 1.5}, "cfg_rescale"),
-    ({"combo_cg_scale": float("nan")}, "combo_cg_scale"),
+    ({"cfg_cg": {"cg_scale": float("nan")}}, "cfg_cg.cg_scale"),
 ])
 def test_bad_guidance_options_name_the_option(bad, option):
     with pytest.raises(OptionError, match=f"`{option}`.*Fix"):
@@ -240,4 +240,4 @@ def test_cell_cost_counts_what_a_cell_needs_by_itself():
     assert cost("cg_cond", 0.0) == (10, 0, 0)
     assert cost("cg_uncond", 3.0) == (10, 10, 0)
     # Respaced steps 999, 888, ..., 0: four of them (333, 222, 111, 0) fall inside a [0, 400] interval.
-    assert cost("cfg+cg", 2.0, combo_cg_scale=1.0, interval=(0, 400)) == (14, 4, 0)
+    assert cost("cfg+cg", 2.0, cfg_cg={"cg_scale": 1.0}, interval=(0, 400)) == (14, 4, 0)

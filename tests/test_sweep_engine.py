@@ -125,17 +125,30 @@ def test_another_checkpoint_is_sampled_not_served_the_first_ones_rows(tmp_path, 
 
 def test_signature_follows_every_setting_that_changes_a_sample(tmp_path, evaluation):
     models = make_models()
-    base = signature(config(tmp_path), models, evaluation, False)
-    assert signature(config(tmp_path, batch_size=2, sampling=SamplerOptions(steps=3, compile="default")),
-                     models, evaluation, False) == base  # cannot change a sample
+
+    def sig(cfg, method="cg_cond", m=models, bf16=False):
+        return signature(cfg, m, evaluation, bf16, method)
+
+    base = sig(config(tmp_path))
+    assert sig(config(tmp_path, batch_size=2, sampling=SamplerOptions(steps=3, compile="default"))) == base
     for changed in (dict(sampling=SamplerOptions(steps=4)), dict(sampling=SamplerOptions(steps=3, eta=0.5)),
-                    dict(guidance=GuidanceOptions(cfg_rescale=0.5)), dict(num_samples=7)):
-        assert signature(config(tmp_path, **changed), models, evaluation, False) != base, changed
-    assert signature(config(tmp_path), models, evaluation, True) != base  # bf16
+                    dict(guidance=GuidanceOptions(interval=(0, 900))), dict(num_samples=7)):
+        assert sig(config(tmp_path, **changed)) != base, changed
+    assert sig(config(tmp_path), bf16=True) != base
     other_classifier = make_models()
     torch.manual_seed(5)
     other_classifier.classifier = Network(EncoderClassifier.from_hparams(HP), dict(HP), 5)
-    assert signature(config(tmp_path), other_classifier, evaluation, False) != base
+    assert sig(config(tmp_path), m=other_classifier) != base
+    # Only what a method's own rule reads keys its cells: CFG takes no gradient, so another classifier, APG's
+    # momentum or the cfg+cg scale leave its cells valid; CFG's rescale does not.
+    cfg = sig(config(tmp_path), "cfg")
+    assert sig(config(tmp_path), "cfg", m=other_classifier) == cfg
+    apg = dict(methods=["cfg", "apg"], scales=None)
+    assert sig(config(tmp_path, **apg, guidance=GuidanceOptions(apg={"momentum": 0.3})), "cfg") == cfg
+    assert sig(config(tmp_path, guidance=GuidanceOptions(cfg_cg={"cg_scale": 2.0})), "cfg") == cfg
+    assert sig(config(tmp_path, guidance=GuidanceOptions(cfg_rescale=0.5)), "cfg") != cfg
+    momentum = [sig(config(tmp_path, **apg, guidance=GuidanceOptions(apg={"momentum": m})), "apg") for m in (0, .3)]
+    assert momentum[0] != momentum[1]
 
 
 def _cells(path):
@@ -227,7 +240,7 @@ BAD_OPTIONS = [
     (dict(methods=["cfgpp"], scales={"cfgpp": [0.5, 1.5]}), "sweep.scales.cfgpp"),
     (dict(sampling=SamplerOptions(threshold=1.5)), "sweep.sampling.threshold"),
     (dict(guidance=GuidanceOptions(sigma_interval=(2.0, 1.0))), "sweep.guidance.sigma_interval"),
-    (dict(guidance=GuidanceOptions(apg_threshold=0.0)), "sweep.guidance.apg_threshold"),
+    (dict(guidance=GuidanceOptions(apg={"threshold": 0.0})), "sweep.guidance.apg.threshold"),
 ]
 
 

@@ -2,7 +2,7 @@
 
 from .denoiser import GuidedDenoiser
 from .guidance import (
-    GuidanceRule,
+    BRANCHES,
     Guided,
     Predictions,
     StepMode,
@@ -12,15 +12,16 @@ from .guidance import (
     condition_mean,
     condition_score,
 )
-from .noise import keyed_normal, sample_keys
-from .options import COMPILE_MODES, SAMPLERS, GuidanceOptions, OptionError, SamplerOptions
-from .rules import METHODS, RULES, cell_cost, make_rule
-from .samplers import sample
+from .methods import METHODS, RULES, GuidanceOptions, GuidanceRule, cell_cost, make_rule
+from .noise import keyed_integers, keyed_normal, sample_keys
+from .options import COMPILE_MODES, SAMPLERS, OptionError, SamplerOptions, SharedGuidance
+from .samplers import SAMPLER_RECORDS, Sampler, sample
 from .schedule import NoiseSchedule, make_betas, respaced_timesteps
 
 __all__ = [
-    "COMPILE_MODES", "METHODS", "RULES", "SAMPLERS", "Guided", "GuidanceOptions", "GuidanceRule", "GuidedDenoiser",
-    "NoiseSchedule", "OptionError", "Predictions", "SamplerOptions", "StepMode", "cell_cost", "check_guided_steps",
-    "classifier_grad", "clean_log_prob", "condition_mean", "condition_score", "keyed_normal", "make_betas", "make_rule",
+    "BRANCHES", "COMPILE_MODES", "METHODS", "RULES", "SAMPLERS", "SAMPLER_RECORDS", "Guided", "GuidanceOptions",
+    "GuidanceRule", "GuidedDenoiser", "NoiseSchedule", "OptionError", "Predictions", "Sampler", "SamplerOptions",
+    "SharedGuidance", "StepMode", "cell_cost", "check_guided_steps", "classifier_grad", "clean_log_prob",
+    "condition_mean", "condition_score", "keyed_integers", "keyed_normal", "make_betas", "make_rule",
     "respaced_timesteps", "sample", "sample_keys",
 ]

@@ -1,10 +1,11 @@
-"""Guidance rules: one small class per method, seen by the sampler through one hook.
+"""What the guidance hook passes around, and the gradient and score functions the rules use.
 
-A rule says, per step, which predictions it needs (`mode`: conditional and/or unconditional branch, a
-classifier gradient) and how it combines them (`combine`) into a guided ε plus an optional extra score
-term s·∇log p(y|x_t). Rules see predictions, never networks or classifiers; samplers see `Guided`, never
-method names. The score term is applied by the sampler in the form its update needs, by the two functions
-that sit side by side here (guided-diffusion's condition_score / condition_mean):
+A rule (`methods/`, one class per method) says per step which predictions it needs (`StepMode`: names from
+BRANCHES, and whether a classifier gradient is taken) and how it combines them (`Predictions` → `Guided`): a
+guided ε plus an optional extra score term s·∇log p(y|x_t). Rules see predictions and gradient functions, never
+networks or classifiers; samplers see `Guided`, never method names. The score term is applied by the sampler in
+the form its update needs, by the two functions that sit side by side here (guided-diffusion's condition_score /
+condition_mean):
     ε-form (DDIM):      ε̂ = ε − σ_t·score,        σ_t = √(1−ᾱ_t)
     mean-form (DDPM):   μ̂ = μ + Σ_t·score
 Scales follow docs/conventions.md: CFG ε̂ = ε_u + s·(ε_c − ε_u) (s = 1 conditional, s = 0 unconditional; no
@@ -15,27 +16,32 @@ run as one batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .options import GuidanceOptions, OptionError
+from .options import OptionError, SharedGuidance
 from .schedule import NoiseSchedule, respaced_timesteps
 
 GradFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> ∇_x log p(y | x_t)
+
+
+# The predictions a step can ask for. "cond"/"uncond"/"random": the main network at the label, the null label or
+# an independent random class (ICG), evaluated as one batched forward in this order; "guide": the guide network at
+# the label (autoguidance); "perturbed": the main network under the rule's perturbation (PAG, SEG, TSG, ...).
+BRANCHES = ("cond", "uncond", "random", "guide", "perturbed")
+MAIN_BRANCHES = ("cond", "uncond", "random", "perturbed")
 
 
 @dataclass(frozen=True)
 class StepMode:
     """What one step evaluates, decided on the host before it runs (a compiled step specialises on it).
 
-    `branches`: the network predictions needed: ("cond",), ("uncond",), ("cond", "uncond") (one batched
-    forward of 2B) or ("cond", "guide") (the main and the guide network); `gradient`: whether the classifier
-    gradient is taken.
+    `branches`: the predictions needed, names from BRANCHES (e.g. ("cond", "uncond") is one batched forward of
+    2B); `gradient`: whether the classifier gradient is taken.
     """
 
     branches: tuple[str, ...]
@@ -43,8 +49,8 @@ class StepMode:
 
     @property
     def network_evaluations(self) -> int:
-        """Per sample, of the main network: the batched CFG forward of 2B counts 2."""
-        return len([b for b in self.branches if b != "guide"])
+        """Per sample, of the main network: the batched CFG forward of 2B counts 2, a perturbed pass 1."""
+        return len([b for b in self.branches if b in MAIN_BRANCHES])
 
     @property
     def guide_evaluations(self) -> int:
@@ -56,18 +62,27 @@ class Predictions:
     """What a rule may combine at one step (ε of each branch); a branch not in the step's mode is None.
 
     `a_t`, `sigma_t` (√ᾱ_t, √(1−ᾱ_t), shaped to broadcast) convert between ε and x̂0 for rules that act in
-    x̂0 space; `memory` is the rule's own state carried from the previous step (zeros at the first).
+    x̂0 space; `posterior` = (weight of x̂0, weight of x_t, variance) of the DDPM posterior q(x_s | x_t, x̂0) of
+    this step's transition t → s (0-d tensors), for rules that track the sampler's trajectory (FBG); `memory`
+    is the rule's own state carried from the previous step (its `initial_memory` at the first); `step` the
+    0-based step index (0-d tensor).
     """
 
     x: Tensor
     t: Tensor
     a_t: Tensor
     sigma_t: Tensor
-    memory: Tensor
+    memory: dict[str, Tensor]
+    posterior: tuple[Tensor, Tensor, Tensor] | None = None
+    step: Tensor | None = None
+    y: Tensor | None = None  # the labels
     cond: Tensor | None = None
     uncond: Tensor | None = None
+    random: Tensor | None = None  # the main network at an independent random class (ICG)
     guide: Tensor | None = None  # the guide network's conditional ε (autoguidance)
+    perturbed: Tensor | None = None  # the main network under the rule's perturbation
     grad: Tensor | None = None  # ∇_{x_t} log p(y | x_t), unscaled
+    cond_fn: Callable[[Tensor], Tensor] | None = None  # x ↦ ε_c(x) at this step (for gradients through the network)
 
     def x0(self, eps: Tensor) -> Tensor:
         return (self.x - self.sigma_t * eps) / self.a_t
@@ -79,12 +94,13 @@ class Predictions:
 @dataclass
 class Guided:
     """A rule's output: the guided ε, an extra score term (already scaled) for the sampler to apply, and the
-    ε a deterministic sampler renoises with when it is not `eps` (CFG++)."""
+    ε a deterministic sampler renoises with when it is not `eps` (CFG++). Memory entries named `trace_*` (one
+    value per sample) are also recorded per step by the sampler (`stats["trace"]`), e.g. FBG's scale λ_t."""
 
     eps: Tensor
     score: Tensor | None = None
     eps_renoise: Tensor | None = None
-    memory: Tensor | None = None  # the rule's state for the next step (None = unchanged)
+    memory: dict[str, Tensor] | None = None  # the rule's state for the next step (None = unchanged)
 
 
 def condition_score(eps: Tensor, score: Tensor | None, sigma_t: Tensor) -> Tensor:
@@ -97,7 +113,7 @@ def condition_mean(mean: Tensor, score: Tensor | None, variance: Tensor) -> Tens
     return mean if score is None else mean + variance * score
 
 
-LogProbFn = Callable[[Tensor, Tensor], Tensor]  # (x̂0, y) -> log p(y | x̂0) per sample
+LogProbFn = Callable[..., Tensor]  # (x̂0, y, temperature) -> log p(y | x̂0) per sample
 
 
 def input_grad(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -122,10 +138,10 @@ def classifier_grad(classifier: nn.Module, x: Tensor, t: Tensor, y: Tensor) -> T
     return input_grad(lambda z: _log_prob(classifier(z, t), y), x)
 
 
-def clean_log_prob(classifier: nn.Module, temperature: float = 1.0) -> LogProbFn:
-    """log softmax(f(x̂0, 0)/τ)[y] of a classifier trained on clean images (its time input is 0)."""
+def clean_log_prob(classifier: nn.Module) -> LogProbFn:
+    """(x̂0, y, τ) ↦ log softmax(f(x̂0, 0)/τ)[y] of a classifier trained on clean images (its time input is 0)."""
 
-    def log_prob(x0: Tensor, y: Tensor) -> Tensor:
+    def log_prob(x0: Tensor, y: Tensor, temperature: float = 1.0) -> Tensor:
         return _log_prob(classifier(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)), y, temperature)
 
     return log_prob
@@ -137,7 +153,7 @@ def noise_level(schedule: NoiseSchedule, t: int) -> float:
     return math.sqrt((1 - ab) / ab)
 
 
-def check_guided_steps(options: GuidanceOptions, timesteps: int, steps: int, schedule: NoiseSchedule | None = None,
+def check_guided_steps(options: SharedGuidance, timesteps: int, steps: int, schedule: NoiseSchedule | None = None,
                        prefix: str = "") -> None:
     """Raise OptionError when guidance acts at none of the `steps` respaced sampling steps: a band that holds
     no step would silently sample every cell as the plain model. Without `schedule` (σ unknown) only the
@@ -162,7 +178,7 @@ def check_guided_steps(options: GuidanceOptions, timesteps: int, steps: int, sch
                       f"use scale_schedule constant, {more}")
 
 
-def guidance_weight(t: int, schedule: NoiseSchedule, options: GuidanceOptions) -> float:
+def guidance_weight(t: int, schedule: NoiseSchedule, options: SharedGuidance) -> float:
     """How much of the guidance beyond the base branch acts at training index t, in [0, 1]."""
     if options.interval is not None and not options.interval[0] <= t <= options.interval[1]:
         return 0.0
@@ -176,39 +192,5 @@ def guidance_weight(t: int, schedule: NoiseSchedule, options: GuidanceOptions) -
     if options.scale_schedule == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * progress))
     return 1.0
-
-
-class GuidanceRule:
-    """One guidance method. Subclasses set `name` and implement gamma, mode and combine."""
-
-    name: ClassVar[str]
-    uses_gradient: ClassVar[bool] = False  # may need a classifier gradient at some scale
-    uses_guide: ClassVar[bool] = False  # needs a guide network (autoguidance)
-    gradient_at: ClassVar[str] = "x_t"  # the classifier sees x_t (noisy classifier) or x̂0 (clean classifier)
-    scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
-
-    def __init__(self, options: GuidanceOptions | None = None) -> None:
-        self.options = options or GuidanceOptions()
-
-    def gamma(self, scale: float) -> float:
-        """The common axis: the exponent γ on p(y|x) the method implies at this native scale."""
-        raise NotImplementedError
-
-    def needs_gradient(self, scale: float) -> bool:
-        """Whether a cell at this scale takes classifier gradients (so needs a classifier)."""
-        return False
-
-    def mode(self, scales: Sequence[float], w: float) -> StepMode:
-        """The evaluations a step with guidance weight w needs for a batch holding these scales."""
-        raise NotImplementedError
-
-    def plain(self, scale: float) -> str | None:
-        """"cond" / "uncond" when this scale is exactly the plain conditional / unconditional model at every
-        step (so its cell equals every other such cell on paired noise), else None."""
-        return None
-
-    def combine(self, p: Predictions, scale: Tensor, w: Tensor) -> Guided:
-        """The guided prediction from per-sample scales (B,) and the step's guidance weight w (0-d)."""
-        raise NotImplementedError
 
 

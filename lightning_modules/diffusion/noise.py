@@ -57,3 +57,10 @@ def keyed_normal(keys: Tensor, stream: int | Tensor, shape: tuple[int, ...],
     u2 = ((bits2 >> 8).float() + 0.5) / 16777216.0
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return z.view(len(keys), *shape).to(dtype)
+
+
+def keyed_integers(keys: Tensor, stream: int | Tensor, high: int) -> Tensor:
+    """One integer in [0, high) per key, a pure function of (keys[i], stream) (e.g. ICG's random class)."""
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=keys.device)
+    bits = _mix32(_mix32(keys.to(torch.int64) ^ _mix32((stream * _GOLDEN) & _M32)) + _GOLDEN)
+    return bits % high  # 32 random bits: the modulo bias is < high / 2^32

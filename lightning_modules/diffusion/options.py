@@ -22,8 +22,9 @@ class OptionError(ValueError):
 
 
 @dataclass(frozen=True)
-class GuidanceOptions:
-    """Settings every guidance rule shares (the scale itself is per cell).
+class SharedGuidance:
+    """The guidance settings every rule shares (the scale itself is per cell; a method's own options are its
+    class's `Options`, namespaced under its name: see `methods.GuidanceOptions`).
 
     Args:
         interval: guide only at training timesteps t with lo <= t <= hi (original indices 0..T-1); outside
@@ -33,28 +34,14 @@ class GuidanceOptions:
         cfg_rescale: φ of Lin et al. (2023): blend the CFG output towards the conditional prediction's
             per-sample std, in [0, 1]; 0 = off. Acts on CFG-guided samples only (the base branch is the
             conditional one); an s_cfg = 0 sample stays the unconditional model.
-        combo_cg_scale: the classifier-guidance scale of method 'cfg+cg' (its CFG scale is the swept one).
         sigma_interval: guide only where the noise level σ = √((1−ᾱ)/ᾱ) lies in (lo, hi] (Kynkäänniemi et al.
             2024 define their interval on σ); combines with `interval`. null = every step.
-        apg_eta: APG's weight of the guidance part parallel to x̂0_c (paper: 0; 1 with no momentum or
-            threshold is CFG).
-        apg_momentum: APG's β in Δ ← Δ + β·Δ_prev (the paper recommends β < 0).
-        apg_threshold: APG's norm threshold r on Δ (per sample, over all pixels); null = none.
-        cg_clean_temperature: τ of the clean classifier's softmax in cg_clean (calibration; 1 = as trained).
-        cg_clean_exact: cg_clean's gradient through the UNet (exact Jacobian of x̂0(x_t), one more network
-            forward and backward per step) instead of the cheap ∇_{x̂0} / √ᾱ_t.
     """
 
     interval: tuple[int, int] | None = None
     scale_schedule: Literal["constant", "linear", "cosine"] = "constant"
     cfg_rescale: float = 0.0
-    combo_cg_scale: float = 1.0
     sigma_interval: tuple[float, float] | None = None
-    apg_eta: float = 0.0
-    apg_momentum: float = -0.5
-    apg_threshold: float | None = None
-    cg_clean_temperature: float = 1.0
-    cg_clean_exact: bool = False
 
     def __post_init__(self) -> None:
         # Checked by whoever consumes the options (with the model's timesteps and the option's full name).
@@ -78,25 +65,19 @@ class GuidanceOptions:
             if len(lo_hi) != 2 or not all(math.isfinite(v) and v >= 0 for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
                 raise OptionError(f"{prefix}sigma_interval", f"{list(lo_hi)} is not a noise-level band (lo, hi] "
                                   "with 0 <= lo < hi", "give σ values in increasing order, e.g. [0.34, 1.02]")
-        for name in ("apg_eta", "apg_momentum"):
-            if not math.isfinite(getattr(self, name)):
-                raise OptionError(f"{prefix}{name}", f"{getattr(self, name)} is not a finite number",
-                                  "give a finite number")
-        if self.apg_threshold is not None and not (math.isfinite(self.apg_threshold) and self.apg_threshold > 0):
-            raise OptionError(f"{prefix}apg_threshold", f"r = {self.apg_threshold} is not a positive number",
-                              "use null (no threshold) or a positive norm")
-        if not (math.isfinite(self.cg_clean_temperature) and self.cg_clean_temperature > 0):
-            raise OptionError(f"{prefix}cg_clean_temperature", f"τ = {self.cg_clean_temperature} is not positive",
-                              "use a positive temperature (1 = the classifier as trained)")
         if self.scale_schedule not in SCALE_SCHEDULES:
             raise OptionError(f"{prefix}scale_schedule", f"unknown schedule {self.scale_schedule!r}",
                               f"choose one of {list(SCALE_SCHEDULES)}")
         if not (math.isfinite(self.cfg_rescale) and 0.0 <= self.cfg_rescale <= 1.0):
             raise OptionError(f"{prefix}cfg_rescale", f"φ = {self.cfg_rescale} is outside [0, 1]",
                               "use 0 (off) up to 1 (full rescale); 0.7 is the paper's value")
-        if not math.isfinite(self.combo_cg_scale):
-            raise OptionError(f"{prefix}combo_cg_scale", f"{self.combo_cg_scale} is not a finite number",
-                              "give a finite classifier-guidance scale for 'cfg+cg'")
+
+
+def check_finite(prefix: str, **values: float) -> None:
+    """OptionError for the first value that is not a finite number (a method's own numeric options)."""
+    for name, value in values.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise OptionError(f"{prefix}{name}", f"{value!r} is not a finite number", "give a finite number")
 
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,35 +31,39 @@ from tqdm.auto import tqdm
 from .denoiser import GuidedDenoiser
 from .guidance import StepMode, condition_mean, condition_score
 from .noise import keyed_normal
-from .options import COMPILE_MODES, SamplerOptions
+from .options import COMPILE_MODES, SAMPLERS, SamplerOptions
 from .schedule import respaced_timesteps
 
-# x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum), thresholded steps (B,)
-State = tuple[Tensor, Tensor, Tensor, Tensor]
+# x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum, FBG's posterior, ...),
+# thresholded steps (B,)
+State = tuple[Tensor, Tensor, dict[str, Tensor], Tensor]
 # Graphs per step function: (methods × step kinds × batch shapes) of a whole sweep; Dynamo's default of 8 would
 # silently fall back to eager for the later methods of a many-method sweep.
 RECOMPILE_LIMIT = 64
 
-# Columns of the per-step table: t, guidance weight, noise stream, √ᾱ_t, √(1−ᾱ_t), then the update's
-# own coefficients (DDIM: √ᾱ_s, √(1−ᾱ_s−σ²), σ; DDPM: x̂0 and x_t posterior weights, √var, CG weight;
-# DPM-Solver++: σ_s/σ_t, √ᾱ_s·(1 − e^{−h}), and the 2M weights of the current and the previous x̂0).
-_T, _W, _STREAM, _A_T, _B_T, _C0, _C1, _C2, _C3 = range(9)
+# Columns every sampler's per-step table has: t, guidance weight, noise stream, step index, √ᾱ_t, √(1−ᾱ_t), and
+# the DDPM posterior q(x_s | x_t, x̂0) of the step's transition (x̂0 weight, x_t weight, variance) for rules
+# that follow the trajectory. Each sampler adds its own update coefficients by name (`Sampler.coefficients`).
+COMMON = ("t", "w", "stream", "step", "a_t", "b_t", "post_x0", "post_xt", "post_var")
 
 
-def _ddim_row(ab_t: float, ab_s: float, eta: float) -> list[float]:
-    sigma = eta * math.sqrt(max((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s), 0.0))
-    return [math.sqrt(ab_s), math.sqrt(max(1 - ab_s - sigma**2, 0.0)), sigma, 0.0]
+def _posterior(ab_t: float, ab_s: float) -> list[float]:
+    """(x̂0 weight, x_t weight, variance) of q(x_s | x_t, x̂0) for the respaced transition t → s."""
+    alpha_ts, beta_ts = ab_t / ab_s, 1 - ab_t / ab_s
+    return [math.sqrt(ab_s) * beta_ts / (1 - ab_t), math.sqrt(alpha_ts) * (1 - ab_s) / (1 - ab_t),
+            beta_ts * (1 - ab_s) / (1 - ab_t)]
 
 
-def _ddpm_row(ab_t: float, ab_s: float, last: bool) -> list[float]:
-    alpha_ts = ab_t / ab_s
-    beta_ts = 1 - alpha_ts
-    var = beta_ts * (1 - ab_s) / (1 - ab_t)
-    c_x0 = math.sqrt(ab_s) * beta_ts / (1 - ab_t)
-    c_xt = math.sqrt(alpha_ts) * (1 - ab_s) / (1 - ab_t)
+def _ddim_row(ab_t: float, ab_s: float, ab_prev: float | None, i: int, n: int, options: SamplerOptions) -> list[float]:
+    sigma = options.eta * math.sqrt(max((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s), 0.0))
+    return [math.sqrt(ab_s), math.sqrt(max(1 - ab_s - sigma**2, 0.0)), sigma]
+
+
+def _ddpm_row(ab_t: float, ab_s: float, ab_prev: float | None, i: int, n: int, options: SamplerOptions) -> list[float]:
+    c_x0, c_xt, var = _posterior(ab_t, ab_s)
     # At the last step the posterior variance is 0; like guided-diffusion's clipped log-variance,
     # the mean-form classifier term falls back to β there so guidance still acts.
-    return [c_x0, c_xt, math.sqrt(var), beta_ts if last else var]  # var = 0 at the last step: no noise
+    return [c_x0, c_xt, math.sqrt(var), 1 - ab_t / ab_s if i == n - 1 else var]  # var = 0 at the last step
 
 
 def _lambda(ab: float) -> float:
@@ -66,48 +71,44 @@ def _lambda(ab: float) -> float:
     return math.inf if ab >= 1.0 else 0.5 * math.log(ab / (1.0 - ab))
 
 
-def _dpmpp_row(ab_t: float, ab_s: float, ab_prev: float | None, last_order1: bool) -> list[float]:
+def _dpmpp_row(ab_t: float, ab_s: float, ab_prev: float | None, i: int, n: int,
+               options: SamplerOptions) -> list[float]:
     """DPM-Solver++ (Lu et al. 2022) in data-prediction form, x_s = (σ_s/σ_t)·x_t + √ᾱ_s·(1 − e^{−h})·D with
     h = λ_s − λ_t; 2M: D = (1 + 1/2r)·D_t − (1/2r)·D_prev, r = h_prev/h. First order (= DDIM η=0) on the
-    first step, on the step to the data end (h = ∞) and, with `last_order1`, on the last two steps."""
+    first step, on the step to the data end (h = ∞) and on the last two steps (three below 15 steps)."""
     if ab_s >= 1.0:  # to the data end: σ_s = 0, e^{−h} = 0, so x_0 = D_t exactly
         return [0.0, 1.0, 1.0, 0.0]
     lam_t, lam_s = _lambda(ab_t), _lambda(ab_s)
     h = lam_s - lam_t
     ratio, c_d = math.sqrt((1 - ab_s) / (1 - ab_t)), math.sqrt(ab_s) * -math.expm1(-h)
-    if ab_prev is None or last_order1:
+    # Lower-order final steps keep few-step guided sampling stable (Lu et al. 2022, §3.3): always into t = 0,
+    # where λ jumps (a 2M step there extrapolates far: 1/2r ≫ 1), and the last three below 15 steps.
+    if ab_prev is None or i >= n - (3 if n < 15 else 2):
         return [ratio, c_d, 1.0, 0.0]
     r = (lam_t - _lambda(ab_prev)) / h
     return [ratio, c_d, 1.0 + 0.5 / r, -0.5 / r]
 
 
-def step_table(den: GuidedDenoiser, pairs: list[tuple[int, int]], sampler: str, eta: float,
+def step_table(den: GuidedDenoiser, pairs: list[tuple[int, int]], sampler: Sampler, options: SamplerOptions,
                device: torch.device) -> Tensor:
-    """(steps, 9) float32 table of every per-step scalar, computed in float64 on the host."""
+    """(steps, columns) float32 table of every per-step scalar, computed in float64 on the host."""
     rows = []
     for i, (t, s) in enumerate(pairs):
         ab_t, ab_s = den.schedule.alpha_bar(t), den.schedule.alpha_bar(s)
-        if sampler == "ddim":
-            own = _ddim_row(ab_t, ab_s, eta)
-        elif sampler == "ddpm":
-            own = _ddpm_row(ab_t, ab_s, s < 0)
-        else:
-            ab_prev = den.schedule.alpha_bar(pairs[i - 1][0]) if i > 0 else None
-            # Lower-order final steps keep few-step guided sampling stable (Lu et al. 2022, §3.3): always into
-            # t = 0, where λ jumps (a 2M step there extrapolates far: 1/2r ≫ 1), and the last three below 15 steps.
-            final = len(pairs) - (3 if len(pairs) < 15 else 2)
-            own = _dpmpp_row(ab_t, ab_s, ab_prev, last_order1=i >= final)
-        rows.append([t, den.weight(t), i + 1, math.sqrt(ab_t), math.sqrt(1 - ab_t), *own])
+        ab_prev = den.schedule.alpha_bar(pairs[i - 1][0]) if i > 0 else None
+        own = sampler.row(ab_t, ab_s, ab_prev, i, len(pairs), options)
+        rows.append([t, den.weight(t), i + 1, i, math.sqrt(ab_t), math.sqrt(1 - ab_t), *_posterior(ab_t, ab_s),
+                     *own])
     return torch.tensor(rows, dtype=torch.float64).to(device, torch.float32)
 
 
-def _unpack(x: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    t = row[_T].long().expand(len(x))  # exact: indices < 2^24
-    return t, row[_W], row[_STREAM].long()
+def _named(row: Tensor, own: tuple[str, ...]) -> dict[str, Tensor]:
+    """A table row as {column name: 0-d tensor} (a compiled step traces the lookup away)."""
+    return dict(zip((*COMMON, *own), row.unbind()))
 
 
-def _x0_from_eps(x: Tensor, eps: Tensor, row: Tensor) -> Tensor:
-    return (x - row[_B_T] * eps) / row[_A_T]
+def _x0_from_eps(x: Tensor, eps: Tensor, r: dict[str, Tensor]) -> Tensor:
+    return (x - r["b_t"] * eps) / r["a_t"]
 
 
 def _limit_x0(x0: Tensor, clip_x0: bool, threshold: float | None) -> tuple[Tensor, Tensor]:
@@ -122,28 +123,27 @@ def _limit_x0(x0: Tensor, clip_x0: bool, threshold: float | None) -> tuple[Tenso
     return x0, torch.zeros(len(x0), device=x0.device)
 
 
-def _renoise_point(x: Tensor, x0: Tensor, guided, row: Tensor) -> Tensor:
+def _renoise_point(x: Tensor, x0: Tensor, guided, r: dict[str, Tensor]) -> Tensor:
     """The point an update starts from: x_t itself, or for a rule with its own renoising ε (CFG++) the point
     √ᾱ_t·x̂0 + σ_t·ε_renoise whose data part is the guided x̂0 and whose noise is that ε. For DDIM this is
     exactly CFG++'s x_s = √ᾱ_s·x̂0 + σ_s·ε_u; ancestral and DPM-Solver++ updates take it for x_t unchanged
     (so their 2M extrapolation stays on the guided x̂0 it integrates)."""
-    return x if guided.eps_renoise is None else row[_A_T] * x0 + row[_B_T] * guided.eps_renoise
+    return x if guided.eps_renoise is None else r["a_t"] * x0 + r["b_t"] * guided.eps_renoise
 
 
-def _memory(guided, memory: Tensor) -> Tensor:
-    return memory if guided.memory is None else guided.memory
-
-
-def _predict(den: GuidedDenoiser, x: Tensor, memory: Tensor, row: Tensor, mode: StepMode):
+def _predict(den: GuidedDenoiser, x: Tensor, memory: dict[str, Tensor], r: dict[str, Tensor], keys: Tensor,
+             mode: StepMode):
     """The denoiser at this step's row: (guided prediction, noise stream)."""
-    t, w, stream = _unpack(x, row)
-    return den(x, t, w, mode, memory, row[_A_T], row[_B_T]), stream
+    t, stream = r["t"].long().expand(len(x)), r["stream"].long()  # exact: indices < 2^24
+    guided = den(x, t, r["w"], mode, memory, r["a_t"], r["b_t"], keys=keys, stream=r["step"].long(),
+                 posterior=(r["post_x0"], r["post_xt"], r["post_var"]))
+    return guided, stream, memory if guided.memory is None else guided.memory
 
 
-def _eps_form_x0(x: Tensor, guided, row: Tensor, clip_x0: bool, threshold: float | None):
+def _eps_form_x0(x: Tensor, guided, r: dict[str, Tensor], clip_x0: bool, threshold: float | None):
     """Classifier guidance in ε-form, then the limited x̂0: (ε, x̂0, thresholded samples)."""
-    eps = condition_score(guided.eps, guided.score, row[_B_T])
-    x0, hit = _limit_x0(_x0_from_eps(x, eps, row), clip_x0, threshold)
+    eps = condition_score(guided.eps, guided.score, r["b_t"])
+    x0, hit = _limit_x0(_x0_from_eps(x, eps, r), clip_x0, threshold)
     return eps, x0, hit
 
 
@@ -151,40 +151,62 @@ def ddim_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode
               clip_x0: bool, threshold: float | None) -> State:
     """x_t → x_s (s < t) with DDIM (Song et al. 2021); η=1 is DDPM-like. CG in ε-form."""
     x, d_prev, memory, count = state
-    guided, stream = _predict(den, x, memory, row, mode)
-    eps, x0, hit = _eps_form_x0(x, guided, row, clip_x0, threshold)
+    r = _named(row, DDIM.coefficients)
+    guided, stream, memory = _predict(den, x, memory, r, keys, mode)
+    eps, x0, hit = _eps_form_x0(x, guided, r, clip_x0, threshold)
     if clip_x0 or threshold is not None:
-        eps = (x - row[_A_T] * x0) / row[_B_T]  # recompute ε from the limited x̂0 (docs/conventions.md)
+        eps = (x - r["a_t"] * x0) / r["b_t"]  # recompute ε from the limited x̂0 (docs/conventions.md)
     direction = eps if guided.eps_renoise is None else guided.eps_renoise  # CFG++ renoises with ε_u
-    x_prev = row[_C0] * x0 + row[_C1] * direction
+    x_prev = r["c_x0"] * x0 + r["c_dir"] * direction
     if noisy:
-        x_prev = x_prev + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
-    return x_prev, d_prev, _memory(guided, memory), count + hit
+        x_prev = x_prev + r["sigma"] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
+    return x_prev, d_prev, memory, count + hit
 
 
 def ddpm_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
               clip_x0: bool, threshold: float | None) -> State:
     """x_t → x_s by the posterior q(x_s | x_t, x̂_0) of the (respaced) chain, fixed-small variance. CG in mean-form."""
     x, d_prev, memory, count = state
-    guided, stream = _predict(den, x, memory, row, mode)
-    x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, row), clip_x0, threshold)
-    mean = condition_mean(row[_C0] * x0 + row[_C1] * _renoise_point(x, x0, guided, row), guided.score, row[_C3])
+    r = _named(row, DDPM.coefficients)
+    guided, stream, memory = _predict(den, x, memory, r, keys, mode)
+    x0, hit = _limit_x0(_x0_from_eps(x, guided.eps, r), clip_x0, threshold)
+    mean = condition_mean(r["c_x0"] * x0 + r["c_xt"] * _renoise_point(x, x0, guided, r), guided.score, r["cg_var"])
     if noisy:
-        mean = mean + row[_C2] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
-    return mean, d_prev, _memory(guided, memory), count + hit
+        mean = mean + r["std"] * keyed_normal(keys, stream, tuple(x.shape[1:]), x.dtype)
+    return mean, d_prev, memory, count + hit
 
 
 def dpmpp_2m_step(den: GuidedDenoiser, state: State, row: Tensor, keys: Tensor, mode: StepMode, noisy: bool,
                   clip_x0: bool, threshold: float | None) -> State:
     """DPM-Solver++(2M): a multistep update on the data prediction D = x̂0 (limited before use). CG in ε-form."""
     x, d_prev, memory, count = state
-    guided, _ = _predict(den, x, memory, row, mode)
-    _, d, hit = _eps_form_x0(x, guided, row, clip_x0, threshold)
-    x_next = row[_C0] * _renoise_point(x, d, guided, row) + row[_C1] * (row[_C2] * d + row[_C3] * d_prev)
-    return x_next, d, _memory(guided, memory), count + hit
+    r = _named(row, DPMPP_2M.coefficients)
+    guided, _, memory = _predict(den, x, memory, r, keys, mode)
+    _, d, hit = _eps_form_x0(x, guided, r, clip_x0, threshold)
+    x_next = r["ratio"] * _renoise_point(x, d, guided, r) + r["c_d"] * (r["w_cur"] * d + r["w_prev"] * d_prev)
+    return x_next, d, memory, count + hit
 
 
-_STEPS = {"ddim": ddim_step, "ddpm": ddpm_step, "dpmpp_2m": dpmpp_2m_step}
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler: its own table columns and the function computing them, its step, whether it draws noise,
+    and the form in which it applies a classifier's score term (guided-diffusion's condition_score ε-form or
+    condition_mean mean-form). Every sampler supports every rule: ε-guidance, a score term, CFG++'s renoising ε
+    and a rule's memory."""
+
+    name: str
+    coefficients: tuple[str, ...]
+    row: Callable[..., list[float]]
+    step: Callable[..., State]
+    draws_noise: Callable[[SamplerOptions], bool]
+    score_form: str
+
+
+DDIM = Sampler("ddim", ("c_x0", "c_dir", "sigma"), _ddim_row, ddim_step, lambda o: o.eta > 0, "eps")
+DDPM = Sampler("ddpm", ("c_x0", "c_xt", "std", "cg_var"), _ddpm_row, ddpm_step, lambda o: True, "mean")
+DPMPP_2M = Sampler("dpmpp_2m", ("ratio", "c_d", "w_cur", "w_prev"), _dpmpp_row, dpmpp_2m_step, lambda o: False, "eps")
+SAMPLER_RECORDS = {s.name: s for s in (DDIM, DDPM, DPMPP_2M)}
+assert tuple(SAMPLER_RECORDS) == SAMPLERS, "options.SAMPLERS names every sampler record"
 
 
 @functools.cache
@@ -197,8 +219,8 @@ def compiled_step(sampler: str, mode: str = "default", backend: str | Callable =
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {COMPILE_MODES} (or None for eager)")
     if backend != "inductor":
-        return torch.compile(_STEPS[sampler], backend=backend, dynamic=False)
-    return torch.compile(_STEPS[sampler], mode=None if mode == "default" else mode, dynamic=False)
+        return torch.compile(SAMPLER_RECORDS[sampler].step, backend=backend, dynamic=False)
+    return torch.compile(SAMPLER_RECORDS[sampler].step, mode=None if mode == "default" else mode, dynamic=False)
 
 
 @torch.no_grad()
@@ -215,30 +237,37 @@ def sample(den: GuidedDenoiser, shape: tuple[int, ...], keys: Tensor, options: S
     dict, its "thresholded_steps" gets the number of steps each sample was thresholded at (a device tensor).
     """
     options.check(den.schedule.timesteps)
-    sampler, eta, clip_x0, threshold, compile = (options.sampler, options.eta, options.clip_x0, options.threshold,
-                                                 options.compile)
-    step = _STEPS[sampler] if compile is None else compiled_step(sampler, compile, compile_backend)
-    cuda_graphs = compile is not None and "reduce-overhead" in compile and keys.is_cuda
+    record = SAMPLER_RECORDS[options.sampler]
+    step = record.step if options.compile is None else compiled_step(options.sampler, options.compile, compile_backend)
+    cuda_graphs = options.compile is not None and "reduce-overhead" in options.compile and keys.is_cuda
     timesteps = respaced_timesteps(den.schedule.timesteps, options.steps)
     pairs = list(zip(timesteps, timesteps[1:] + [-1]))
-    table = step_table(den, pairs, sampler, eta, keys.device)
+    den.prepare(pairs)
+    table = step_table(den, pairs, record, options, keys.device)
     # The last step's noise coefficient is 0 in the table; drawing it anyway keeps one graph for all steps.
-    noisy = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
+    noisy = record.draws_noise(options)
     x = keyed_normal(keys, 0, tuple(shape))
-    state: State = (x, torch.zeros_like(x), torch.zeros_like(x), torch.zeros(len(x), device=x.device))
+    state: State = (x, torch.zeros_like(x), den.initial_memory(x), torch.zeros(len(x), device=x.device))
+    traces: list[dict[str, Tensor]] = []
     for i, (t, _) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
         mode = den.mode(t)
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs may be reused
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            state = step(den, state, table[i], keys, mode, noisy, clip_x0, threshold)
+            state = step(den, state, table[i], keys, mode, noisy, options.clip_x0, options.threshold)
         if cuda_graphs:
             # Own the state: a graph output fed back as the next input can be overwritten by that very
             # replay (pytorch#170604, #184102). One copy of the batch per step, negligible next to the UNet.
-            state = tuple(v.clone() for v in state)
+            x_, d_, memory_, count_ = state
+            state = (x_.clone(), d_.clone(), {k: v.clone() for k, v in memory_.items()}, count_.clone())
+        traces.append({k[len("trace_"):]: v for k, v in state[2].items() if k.startswith("trace_")})
         if callback is not None:
             callback(i)
     x = state[0]
     if stats is not None:
         stats["thresholded_steps"] = state[3]
-    return x.clamp(-1, 1) if clip_x0 or threshold is not None else x
+        # A rule's per-sample values per step (FBG's λ_t): {name: (steps, B)}; a step without one records NaN.
+        names = sorted({k for trace in traces for k in trace})
+        stats["trace"] = {k: torch.stack([tr.get(k, torch.full_like(state[3], math.nan)) for tr in traces])
+                          for k in names}
+    return x.clamp(-1, 1) if options.clip_x0 or options.threshold is not None else x

@@ -9,20 +9,11 @@ Callers: callbacks.GuidanceSweep (Lightning), `python -m experiments.sweep`, exp
 """
 
 from .config import DEFAULT_SCALES, SweepConfig
-from .engine import (
-    Distributed,
-    Job,
-    JobResult,
-    SingleProcess,
-    generate_images,
-    plan_jobs,
-    run_job,
-    run_sweep,
-    signature,
-)
+from .engine import Distributed, JobResult, SingleProcess, generate_images, run_job, run_sweep
 from .evaluation import Evaluation, build_evaluation, check_extractor_available, resolve_extractor
 from .loading import load_classifier, load_diffusion, resolve_guide
 from .models import Network, SweepModels, check_compatible, weights_hash
+from .planning import Job, plan_jobs, signature, signatures
 from .store import COLUMNS, SweepStore, check_writable
 from .tables import SUMMARY_COLUMNS, SUMMARY_TITLE, aggregate, format_table, summary
 
@@ -31,5 +22,5 @@ __all__ = [
     "JobResult", "Network", "SingleProcess", "SweepConfig", "SweepModels", "SweepStore", "aggregate",
     "build_evaluation", "check_compatible", "check_extractor_available", "check_writable", "format_table",
     "generate_images", "load_classifier", "load_diffusion", "plan_jobs", "resolve_guide", "resolve_extractor",
-    "run_job", "run_sweep", "signature", "summary", "weights_hash",
+    "run_job", "run_sweep", "signature", "signatures", "summary", "weights_hash",
 ]

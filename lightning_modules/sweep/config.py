@@ -13,18 +13,17 @@ from typing import Literal
 
 from lightning_modules.diffusion import (
     METHODS,
+    RULES,
     GuidanceOptions,
     NoiseSchedule,
     OptionError,
     SamplerOptions,
     check_guided_steps,
     make_rule,
+    respaced_timesteps,
 )
 
-DEFAULT_SCALES = {"cfg": [0.0, 1.0, 1.5, 2.0, 3.0, 5.0], "cg_cond": [0.0, 0.5, 1.0, 2.0, 4.0],
-                  "cg_uncond": [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], "cfg+cg": [1.0, 2.0, 3.0], "none": [1.0],
-                  "apg": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "cfgpp": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
-                  "autoguidance": [1.0, 1.5, 2.0, 2.5, 3.0], "cg_clean": [0.0, 0.5, 1.0, 2.0, 4.0]}
+DEFAULT_SCALES = {name: list(rule.default_scales) for name, rule in RULES.items()}  # each method's own grid
 EXTRACTORS = ("auto", "evaluator", "inception")
 PRECISIONS = ("auto", "32", "bf16")
 P = "sweep."  # how options are named in messages: the LightningCLI group and the YAML key
@@ -35,16 +34,17 @@ class SweepConfig:
     """A guidance sweep: methods × scales × seeds, each cell `num_samples` images on paired noise.
 
     Args:
-        methods: guidance methods to sweep: cfg, cg_cond, cg_uncond, cfg+cg, apg, cfgpp, autoguidance, cg_clean,
-            none.
-            Empty = no sweep.
+        methods: guidance methods to sweep (one class each, `lightning_modules.diffusion.methods`): cfg, cg_cond,
+            cg_uncond, cfg+cg, apg, cfgpp, autoguidance, cg_clean, icg, tsg, pag, seg, autoguidance_degraded,
+            cfg_zero_star, fbg, none. Empty = no sweep.
         scales: native scales per method, e.g. {"cfg": [0, 1, 2], "cg_cond": [0, 1]}; a method not named
             keeps its default grid. Keys must be listed in `methods`.
         seeds: sampling seeds; each is a full repeat of every cell (mean ± std over seeds).
         num_samples: images per (method, scale, seed) cell; labels cycle through the classes.
         batch_size: images per sampler call (all scales of a method share chunks).
         sampling: sampler, steps, eta, clip_x0 and compile (see SamplerOptions).
-        guidance: options every rule shares: interval, scale_schedule, cfg_rescale, combo_cg_scale.
+        guidance: options every rule shares (interval, sigma_interval, scale_schedule, cfg_rescale) and each
+            method's own, namespaced: guidance.apg.momentum, guidance.cfg_cg.cg_scale, guidance.pag.layers, ...
         classifier_ckpt: noisy-classifier checkpoint for classifier-guided methods.
         guide_ckpt: the weaker diffusion model for autoguidance: a checkpoint path, or snapshot:1/16 (also 1/8,
             1/4) for the guide snapshots the diffusion fit keeps next to its checkpoint.
@@ -97,6 +97,10 @@ class SweepConfig:
             self.sampling = SamplerOptions(**self.sampling)
         if isinstance(self.guidance, dict):
             self.guidance = GuidanceOptions(**self.guidance)
+        elif type(self.guidance) is not GuidanceOptions:  # e.g. SharedGuidance: every method's defaults
+            from dataclasses import fields
+
+            self.guidance = GuidanceOptions(**{f.name: getattr(self.guidance, f.name) for f in fields(self.guidance)})
         self.methods = list(self.methods)
         self.seeds = list(self.seeds)
         self.check()
@@ -161,6 +165,10 @@ class SweepConfig:
         if timesteps is not None and any(m != "none" for m in self.methods):  # 'none' ignores the bands
             check_guided_steps(self.guidance, timesteps, self.sampling.steps,
                                None if schedule is None else NoiseSchedule(schedule, timesteps), f"{P}guidance.")
+        if timesteps is not None and schedule is not None:  # a rule that derives settings from the steps (FBG)
+            ts = respaced_timesteps(timesteps, self.sampling.steps)
+            for rule in self.rules().values():
+                rule.prepare(NoiseSchedule(schedule, timesteps), list(zip(ts, ts[1:] + [-1])))
         if self.needs_guide and not self.guide_ckpt:
             raise OptionError(f"{P}guide_ckpt", "autoguidance needs a guide network",
                               "pass --sweep.guide_ckpt=snapshot:1/16 (a snapshot the diffusion fit kept) or a path "
@@ -172,15 +180,19 @@ class SweepConfig:
             raise OptionError(f"{P}classifier_ckpt", f"methods {self.methods} take classifier gradients",
                               "pass a noisy-classifier checkpoint: --sweep.classifier_ckpt=PATH/last.ckpt")
 
+    def rules(self) -> dict:
+        """The rule object of every swept method."""
+        return {m: make_rule(m, self.guidance) for m in self.methods}
+
     @property
     def needs_guide(self) -> bool:
-        return any(make_rule(m, self.guidance).uses_guide for m in self.methods)
+        return any(rule.uses_guide for rule in self.rules().values())
 
     @property
     def needs_classifier(self) -> bool:
-        return any(make_rule(m, self.guidance).gradient_at == "x_t" and make_rule(m, self.guidance).needs_gradient(s)
-                   for m, grid in self.grids.items() for s in grid)
+        return any(rule.gradient_at == "x_t" and rule.needs_gradient(s)
+                   for (m, grid), rule in zip(self.grids.items(), self.rules().values()) for s in grid)
 
     @property
     def needs_clean_classifier(self) -> bool:
-        return any(make_rule(m, self.guidance).gradient_at == "x0" for m in self.methods)
+        return any(rule.gradient_at == "x0" for rule in self.rules().values())

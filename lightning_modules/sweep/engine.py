@@ -9,11 +9,10 @@ items r, r + W, ...; each item is produced by exactly one rank, so summing zero-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -25,9 +24,8 @@ from lightning_modules.diffusion import GuidedDenoiser, cell_cost, make_rule, sa
 from .config import SweepConfig
 from .evaluation import Evaluation
 from .models import SweepModels
+from .planning import Job, check_null_label, plan_jobs, selected, shared_cells, signatures
 from .store import SweepStore, png_bytes
-
-ENGINE_VERSION = 5  # part of every cell's signature: bump when the engine's numbers change
 
 
 class Distributed(Protocol):
@@ -53,15 +51,6 @@ class SingleProcess:
 SINGLE = SingleProcess()
 
 
-@dataclass(frozen=True)
-class Job:
-    """All remaining scales of one method for one seed: one batched pass."""
-
-    method: str
-    scales: tuple[float, ...]
-    seed: int
-
-
 @dataclass
 class JobResult:
     rows: list[dict]
@@ -71,66 +60,16 @@ class JobResult:
     draws: list[dict]  # per scale: the cell's draws record in every feature space (see Evaluation.score_with_draws)
 
 
-def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, bf16: bool) -> str:
-    """Everything that makes two cells comparable; a cell with the same signature is not redone.
-
-    The networks enter by content hash (not path or step), with the extractor's weights, the reference
-    data's fingerprint and every sampling setting; only settings that cannot change a sample or a metric
-    (batch size, compile mode, grid size, progress) are left out.
-    """
-    sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
-    spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
-            "classifier": models.classifier.sha if models.classifier else None,
-            "guide": models.guide.sha if models.guide else None,
-            "clean": models.clean_classifier.sha if models.clean_classifier else None,
-            "extractor": evaluation.extractor_id,
-            "extras": sorted(e.extractor_id for e in evaluation.extras.values()) or None,
-            "reference": evaluation.reference_id, "num_samples": config.num_samples, "bootstrap": config.bootstrap,
-            "sampling": sampling, "guidance": asdict(config.guidance), "bf16": bf16}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def shared_cells(config: SweepConfig) -> dict[tuple[str, float, int], tuple[str, float]]:
-    """(method, scale, seed) → the earlier cell it equals: every plain conditional (or unconditional) cell of a
-    seed draws the same samples on paired noise (cfg s = 1, cg_cond s = 0, autoguidance w = 1, ...), so only
-    the first in grid order is sampled; the others are recorded as copies of it (`same_as`)."""
-    first: dict[tuple[str, int], tuple[str, float]] = {}
-    shared = {}
-    for seed in config.seeds:
-        for method, grid in config.grids.items():
-            rule = make_rule(method, config.guidance)
-            for scale in grid:
-                kind = rule.plain(scale)
-                if kind is None:
-                    continue
-                source = first.setdefault((kind, seed), (method, scale))
-                if source != (method, scale):
-                    shared[(method, scale, seed)] = source
-    return shared
-
-
-def plan_jobs(config: SweepConfig, store: SweepStore | None, sig: str, share_plain: bool = False) -> list[Job]:
-    """Every (seed, method) with the scales not yet done in the store (without the shared cells)."""
-    skip = shared_cells(config) if share_plain else {}
-    jobs = []
-    for seed in config.seeds:
-        for method, grid in config.grids.items():
-            todo = tuple(s for s in grid if (method, s, seed) not in skip
-                         and (store is None or not store.done(sig, method, s, seed)))
-            if todo:
-                jobs.append(Job(method, todo, seed))
-    return jobs
-
-
-def _record_shared(config: SweepConfig, store: SweepStore, sig: str, on_cell) -> None:
-    """Rank 0: write each shared cell as a copy of its source row (own method, scale, γ and cost)."""
-    rows = {(r["method"], r["scale"], r["seed"]): r for r in store.select(sig)}
+def _record_shared(config: SweepConfig, store: SweepStore, sigs: dict[str, str], on_cell) -> None:
+    """Rank 0: write each shared cell as a copy of its source row (own method, scale, γ, cost and signature)."""
+    rows = {(r["method"], r["scale"], r["seed"]): r for r in selected(store, sigs)}
     for (method, scale, seed), (src_method, src_scale) in shared_cells(config).items():
         source = rows.get((src_method, src_scale, seed))
+        sig = sigs[method]
         if source is None or store.done(sig, method, scale, seed):
             continue
         rule = make_rule(method, config.guidance)
-        row = {**source, "method": method, "scale": scale, "gamma": rule.gamma(scale),
+        row = {**source, "method": method, "scale": scale, "gamma": rule.gamma(scale), "signature": sig,
                "same_as": f"{src_method} s={src_scale:g}", "grid": store.grid_path(sig, method, scale, seed)}
         store.append(row, (store.directory / source["grid"]).read_bytes())
         if on_cell is not None:
@@ -152,12 +91,12 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
                              grad_fn=models.grad_fn, prediction=models.prediction,
                              guide=guide.net if guide else None,
                              guide_prediction=guide.hparams["prediction"] if guide else "eps",
-                             log_prob_x0=models.clean_log_prob(config.guidance.cg_clean_temperature))
+                             log_prob_x0=models.clean_log_prob)
         keys = sample_keys(job.seed, sample_idx).to(device)
         stats: dict = {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             images = sample(den, models.shape, keys, s, callback=on_step, stats=stats)
-        yield chunk, images.float(), stats["thresholded_steps"]
+        yield chunk, images.float(), stats["thresholded_steps"], stats["trace"]
 
 
 def _sync(device: torch.device) -> None:
@@ -176,9 +115,11 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     logits = [torch.zeros(total, e.logit_width(models.shape, device), device=device) for e in spaces]
     grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
     thresholded = torch.zeros(total, device=device)  # steps at which each item's x̂0 was thresholded
+    traces: dict[str, Tensor] = {}  # a rule's per-sample values per step (FBG's λ_t): (steps, total) each
     start, feature_seconds = time.perf_counter(), 0.0
-    for chunk, images, hits in generate_images(models, config, job, torch.arange(dist.rank, total, dist.world),
-                                               autocast_dtype, on_step):
+    for chunk, images, hits, trace in generate_images(models, config, job,
+                                                      torch.arange(dist.rank, total, dist.world), autocast_dtype,
+                                                      on_step):
         _sync(device)
         t0 = time.perf_counter()
         index = chunk.to(device)
@@ -186,11 +127,13 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
             f, lg = e.extractor.extract(images)
             f_all[index], lg_all[index] = f.to(device), lg.to(device)
         thresholded[index] = hits.to(device)
+        for name, values in trace.items():
+            traces.setdefault(name, torch.zeros(len(values), total, device=device))[:, index] = values.to(device)
         in_grid = (chunk % n < g).to(device)
         grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
         _sync(device)
         feature_seconds += time.perf_counter() - t0
-    for tensor in (*feats, *logits, grid, thresholded):
+    for tensor in (*feats, *logits, grid, thresholded, *traces.values()):
         dist.all_sum(tensor)
     _sync(device)
     sampling_seconds = time.perf_counter() - start - feature_seconds
@@ -204,12 +147,14 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         scored = [e.score_with_draws(f[part], lg[part], labels, config.bootstrap)
                   for e, f, lg in zip(spaces, feats, logits)]
         draws.append({"spaces": {e.extractor_id: record for e, (_, record) in zip(spaces, scored)}})
+        trace = {name: [round(v, 6) for v in values[:, part].mean(dim=1).tolist()] for name, values in traces.items()}
         rows.append({"method": job.method, "scale": scale, "gamma": rule.gamma(scale), "seed": job.seed,
                      "num_samples": n, "sampler": config.sampling.sampler, "steps": config.sampling.steps,
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
                      "guide_evals_per_sample": guides,
-                     "unet_equivalents_per_sample": models.unet_equivalents(
-                         nfe, passes, guides, rule.gradient_at == "x0", config.guidance.cg_clean_exact),
+                     "unet_equivalents_per_sample": models.unet_equivalents(nfe, passes, guides,
+                                                                            *rule.gradient_cost()),
+                     "guidance_trace": json.dumps(trace) if trace else "",
                      "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
                      **scored[0][0], **models.identity(),
                      "extractor": evaluation.extractor_id, "signature": sig})
@@ -236,8 +181,9 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     """
     # With the model's schedule: a guidance band that holds none of the sampling steps fails here, before any work.
     config.check(models.schedule.timesteps, models.schedule.kind)
-    sig = signature(config, models, evaluation, autocast_dtype is not None)
-    jobs = dist.broadcast(plan_jobs(config, store, sig, share_plain=True) if dist.rank == 0 else None)
+    check_null_label(config, models)
+    sigs = signatures(config, models, evaluation, autocast_dtype is not None)
+    jobs = dist.broadcast(plan_jobs(config, store, sigs, share_plain=True) if dist.rank == 0 else None)
     steps = config.sampling.steps
     total = sum(len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) for j in jobs)
     chunks = sum(-(-len(range(dist.rank, config.num_samples * len(j.scales), dist.world)) // config.batch_size)
@@ -247,15 +193,15 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     bar.set_postfix_str(f"{len(jobs)} passes, {total} images")
     for job in jobs:
         bar.set_description(f"sweep {job.method} seed {job.seed}")
-        result = run_job(models, config, evaluation, job, sig, dist=dist, autocast_dtype=autocast_dtype,
+        result = run_job(models, config, evaluation, job, sigs[job.method], dist=dist, autocast_dtype=autocast_dtype,
                          on_step=lambda _: bar.update())
         if store is not None:
             for row, grid, draws in zip(result.rows, result.grids, result.draws):
-                row["grid"] = store.grid_path(sig, row["method"], row["scale"], row["seed"])
+                row["grid"] = store.grid_path(sigs[job.method], row["method"], row["scale"], row["seed"])
                 store.append(row, png_bytes(grid, nrow=models.num_classes), draws)
                 if on_cell is not None:
                     on_cell(row, grid)
     bar.close()
     if store is not None:
-        _record_shared(config, store, sig, on_cell)
-    return store.select(sig) if store is not None else []
+        _record_shared(config, store, sigs, on_cell)
+    return selected(store, sigs) if store is not None else []

@@ -73,15 +73,9 @@ class SweepModels:
         if self.clean_classifier is not None:
             check_clean(hp, self.clean_classifier.hparams)
         self._flops: dict[str, float] | None = None
-        self._log_probs: dict[float, LogProbFn] = {}
-
-    def clean_log_prob(self, temperature: float) -> LogProbFn | None:
-        """The clean classifier's log p(y | x̂0) at this temperature (one function per sweep: compiled once)."""
-        if self.clean_classifier is None:
-            return None
-        if temperature not in self._log_probs:
-            self._log_probs[temperature] = clean_log_prob(self.clean_classifier.net, temperature)
-        return self._log_probs[temperature]
+        # The clean classifier's log p(y | x̂0, τ): one function per sweep, so a compiled step is traced once.
+        self.clean_log_prob: LogProbFn | None = None if self.clean_classifier is None \
+            else clean_log_prob(self.clean_classifier.net)
 
     def flops(self) -> dict[str, float]:
         """FLOPs per sample of one main-network evaluation, one guide evaluation and one classifier forward +
@@ -100,13 +94,13 @@ class SweepModels:
             self._flops = counts
         return self._flops
 
-    def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float, clean: bool = False,
-                         exact: bool = False) -> float:
+    def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float,
+                         classifier: str = "classifier", extra_per_pass: float = 0.0) -> float:
         """A cell's cost per sample in main-network evaluations, the other passes converted by their FLOPs
-        (`clean`: the passes are the clean classifier's; `exact`: each also runs the network forward and
-        backward, ≈ 3 evaluations)."""
+        (`classifier`: whose passes they are, classifier or clean; `extra_per_pass`: main-network evaluations
+        each pass also costs, as the rule's `gradient_cost` says: ≈ 3 for a gradient through the network)."""
         f = self.flops()
-        per_pass = f.get("clean" if clean else "classifier", 0.0) / f["diffusion"] + (3.0 if exact else 0.0)
+        per_pass = f.get(classifier, 0.0) / f["diffusion"] + extra_per_pass
         return nfe + classifier_passes * per_pass + guide_evals * f.get("guide", 0.0) / f["diffusion"]
 
     @property

@@ -72,10 +72,16 @@ class SweepOutcome:
 def protocol_of(config: SweepConfig, *, dataset: str | None, dataset_id: str | None, image_size: int | None,
                 diffusion: str | None, bf16: bool) -> dict:
     """What report.md and the figures' titles need that the rows do not carry."""
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
+    from lightning_modules.diffusion import SharedGuidance
+
+    # The shared options, then the own options of the swept methods only (not every method's defaults).
+    guidance = {f.name: getattr(config.guidance, f.name) for f in fields(SharedGuidance)}
+    guidance |= {rule.options_key(): asdict(rule.settings) for rule in config.rules().values()
+                 if rule.settings is not None}
     return {"dataset": dataset, "dataset_id": dataset_id, "image_size": image_size, "diffusion": diffusion,
-            "classifier": config.classifier_ckpt, "guidance": asdict(config.guidance),
+            "classifier": config.classifier_ckpt, "guidance": guidance,
             "precision": "bf16" if bf16 else "32"}
 
 

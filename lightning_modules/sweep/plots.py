@@ -21,23 +21,16 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
+from lightning_modules.diffusion import RULES  # noqa: E402
 from lightning_modules.evaluation.registry import REGISTRY  # noqa: E402
 from lightning_modules.files import atomic_write as _atomic_write  # noqa: E402
 
 from .tables import aggregate, best_index  # noqa: E402
 
 METRIC_LABEL = {m.name: (m.label, m.direction) for m in REGISTRY}
-METHOD_STYLE = {"cfg": ("CFG", "tab:blue", "o"), "cg_cond": ("CG on the conditional branch", "tab:orange", "s"),
-                "cg_uncond": ("CG on the unconditional branch", "tab:green", "^"),
-                "cfg+cg": ("CFG + fixed CG", "tab:red", "D"), "none": ("no guidance", "tab:gray", "x"),
-                "apg": ("APG", "tab:purple", "v"), "cfgpp": ("CFG++", "tab:brown", "P"),
-                "autoguidance": ("autoguidance", "tab:pink", "h"),
-                "cg_clean": ("CG with a clean classifier on x̂0", "tab:olive", "*")}
-SCALE_AXIS = {"cfg": "CFG scale s  (0 = unconditional, 1 = conditional model)",
-              "cg_cond": "CG scale s  (0 = conditional model)", "cg_uncond": "CG scale s  (0 = unconditional model)",
-              "cfg+cg": "CFG scale s  (CG scale fixed)", "apg": "APG scale s  (1 = conditional model)",
-              "cfgpp": "CFG++ λ  (0 = unconditional model)", "cg_clean": "clean-CG scale s  (0 = conditional model)",
-              "autoguidance": "autoguidance scale s  (1 = main model alone)"}
+# Label, colour and marker, and the scale axis of each method: the same in every figure, from its rule class.
+METHOD_STYLE = {name: (rule.label, rule.color, rule.marker) for name, rule in RULES.items()}
+SCALE_AXIS = {name: rule.scale_axis for name, rule in RULES.items()}
 GAMMA_AXIS = "γ, the exponent on p(y|x) a scale implies (1 = conditional model)"
 PANELS = (("fid",), ("accuracy",), ("precision", "recall"), ("score",), ("kid",))
 

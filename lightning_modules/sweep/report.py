@@ -15,9 +15,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lightning_modules.diffusion import OptionError
+from lightning_modules.diffusion import RULES, OptionError
 from lightning_modules.files import atomic_write as _atomic_write
 
+from .bad_version import bad_version_markdown
 from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
@@ -52,9 +53,10 @@ METRIC_NOTES = [
                            "inside the samples' manifold (higher is better)."),
     ("accuracy", "Share of samples the extractor's classifier assigns to the class they were generated for "
                  "(higher is better)."),
-    ("γ", "The exponent on p(y|x) a scale implies: CFG γ = s, CG on the conditional branch γ = 1 + s, CG on the "
-          "unconditional branch γ = s, CFG + fixed CG γ = s + its CG scale; APG, CFG++ and autoguidance use γ = s. "
-          "γ = 1 is the plain conditional model."),
+    ("γ", "The exponent on p(y|x) a scale implies (for methods whose guide is not p(y|x), the CFG-like axis "
+          "their scale is read on): "
+     + "; ".join(dict.fromkeys(r.gamma_text for r in RULES.values() if r.name != "none"))
+     + ". γ = 1 is the plain conditional model."),
     ("cost", "`nfe_per_sample` counts diffusion-network evaluations a cell needs by itself (a batched CFG "
              "forward of 2B counts 2), `classifier_grads_per_sample` classifier forward+backward passes (and "
              "`guide_evals_per_sample` guide-network evaluations); where the rows carry it, ≈ gives the total in "
@@ -190,6 +192,7 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
             "Mean ± std over seeds; — = one seed (no spread measured); [lo, hi] = 95% interval over the samples "
             "(random halves, averaged over seeds). FID is compared within this sweep only "
             f"({first['num_samples']} samples per cell).", ""]
+    out += bad_version_markdown(best, verdicts)
     if verdicts:
         out += verdict_markdown(verdicts, rel.get("paired_delta_fid"))
     for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_modules.diffusion import RULES
+from lightning_modules.diffusion.methods import BAD_VERSION
 from lightning_modules.evaluation.paired import (
     BestScale,
     CellDraws,
@@ -132,14 +134,18 @@ class Comparison:
     difference: Difference
 
 
-def comparisons(methods: dict[str, MethodDraws], references: list[str], level: float) -> list[Comparison]:
-    """Every method against each reference method, ΔFID and Δrecall at the held-out best scale and at matched
-    strength (NaN where a method never reaches the matched level)."""
+def comparisons(methods: dict[str, MethodDraws], references: list[str], level: float,
+                only: dict[str, set[str]] | None = None) -> list[Comparison]:
+    """Every method (or, for a reference in `only`, the methods it names) against each reference method, ΔFID
+    and Δrecall at the held-out best scale and at matched strength (NaN where a method never reaches the
+    matched level)."""
     best = {m: d.best() for m, d in methods.items()}
     out, pairs = [], set()
     for ref in references:
         for method, d in methods.items():
             if method == ref or frozenset((method, ref)) in pairs:  # each pair once (the best against CFG)
+                continue
+            if only and ref in only and method not in only[ref]:
                 continue
             pairs.add(frozenset((method, ref)))
             check_pairable(d, methods[ref])
@@ -176,8 +182,14 @@ def verdicts(rows: list[dict], read: Callable[[dict], dict]) -> dict:
     best = {m: d.best() for m, d in methods.items()}
     ordered = sorted(methods, key=lambda m: float(best[m].held_out.mean()))
     references = list(dict.fromkeys([ordered[0], *(["cfg"] if "cfg" in methods else [])]))
+    # "A bad version of itself" (the rules' `family`): its members also against the trained-guide autoguidance.
+    family = {m for m in methods if m in RULES and RULES[m].family == BAD_VERSION}
+    only = {}
+    if "autoguidance" in family and len(family) > 1 and "autoguidance" not in references:
+        references.append("autoguidance")
+        only["autoguidance"] = family
     level = matched_level(rows, target=MATCHED_ACCURACY)
-    shown = {s: comparisons(per_space[s], references, level) for s in spaces}
+    shown = {s: comparisons(per_space[s], references, level, only) for s in spaces}
     z = bonferroni_z(max(1, sum(_defined(c.difference) for c in shown[main])))
     n = methods[ordered[0]].identity["n"]
     table = []

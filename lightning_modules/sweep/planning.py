@@ -1,0 +1,114 @@
+"""What a sweep will do before it does it: cell signatures, the jobs left, shared plain cells, and the checks
+that need the model (a method that would evaluate an untrained null label).
+
+A cell's signature holds everything that makes two cells comparable, per method (only what its rule reads), so a
+rerun reuses every cell whose signature it finds in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from lightning_modules.diffusion import OptionError, make_rule, respaced_timesteps
+from lightning_modules.diffusion.guidance import guidance_weight
+
+from .config import SweepConfig
+from .evaluation import Evaluation
+from .models import SweepModels
+from .store import SweepStore
+
+ENGINE_VERSION = 6  # part of every cell's signature: bump when the engine's numbers change
+
+
+@dataclass(frozen=True)
+class Job:
+    """All remaining scales of one method for one seed: one batched pass."""
+
+    method: str
+    scales: tuple[float, ...]
+    seed: int
+
+
+def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, bf16: bool, method: str) -> str:
+    """Everything that makes two cells of `method` comparable; a cell with the same signature is not redone.
+
+    The networks the method uses enter by content hash (not path or step: the classifier only for a method that
+    takes its gradients, the guide only for autoguidance), with the extractor's weights, the reference data's
+    fingerprint, every sampling setting, and only the guidance options its own rule reads (`rule.signature()`:
+    changing APG's momentum does not resample a CFG cell). Settings that cannot change a sample or a metric
+    (batch size, compile mode, grid size, progress) are left out.
+    """
+    rule = make_rule(method, config.guidance)
+    sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
+    noisy = rule.uses_gradient and rule.gradient_at == "x_t"
+    spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
+            "classifier": models.classifier.sha if models.classifier and noisy else None,
+            "guide": models.guide.sha if models.guide and rule.uses_guide else None,
+            "clean": models.clean_classifier.sha if models.clean_classifier and rule.gradient_at == "x0" else None,
+            "extractor": evaluation.extractor_id,
+            "extras": sorted(e.extractor_id for e in evaluation.extras.values()) or None,
+            "reference": evaluation.reference_id, "num_samples": config.num_samples, "bootstrap": config.bootstrap,
+            "sampling": sampling, "rule": rule.signature(), "bf16": bf16}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def signatures(config: SweepConfig, models: SweepModels, evaluation: Evaluation, bf16: bool) -> dict[str, str]:
+    """The signature of every swept method's cells."""
+    return {m: signature(config, models, evaluation, bf16, m) for m in config.methods}
+
+
+def check_null_label(config: SweepConfig, models: SweepModels) -> None:
+    """OptionError if a method would evaluate the null label of a model trained without label dropout (its null
+    embedding was never trained, so the "unconditional" branch is noise)."""
+    if models.diffusion.hparams.get("p_uncond", 0.1) > 0:
+        return
+    ts = respaced_timesteps(models.schedule.timesteps, config.sampling.steps)
+    for method, grid in config.grids.items():
+        rule = make_rule(method, config.guidance)
+        rule.prepare(models.schedule, list(zip(ts, ts[1:] + [-1])))
+        if any("uncond" in rule.step_mode(t, [s], guidance_weight(t, models.schedule, rule.options)).branches
+               for s in grid for t in ts):
+            raise OptionError("sweep.methods", f"{method} evaluates the null label, but the diffusion model was "
+                              "trained without label dropout (p_uncond = 0), so its null-label branch is untrained",
+                              "sweep methods that need no null label on it (icg, cg_cond, autoguidance, pag, seg, "
+                              "tsg, autoguidance_degraded), or train with --model.init_args.p_uncond 0.1")
+
+
+def shared_cells(config: SweepConfig) -> dict[tuple[str, float, int], tuple[str, float]]:
+    """(method, scale, seed) → the earlier cell it equals: every plain conditional (or unconditional) cell of a
+    seed draws the same samples on paired noise (cfg s = 1, cg_cond s = 0, autoguidance w = 1, ...), so only
+    the first in grid order is sampled; the others are recorded as copies of it (`same_as`)."""
+    first: dict[tuple[str, int], tuple[str, float]] = {}
+    shared = {}
+    for seed in config.seeds:
+        for method, grid in config.grids.items():
+            rule = make_rule(method, config.guidance)
+            for scale in grid:
+                kind = rule.plain(scale)
+                if kind is None:
+                    continue
+                source = first.setdefault((kind, seed), (method, scale))
+                if source != (method, scale):
+                    shared[(method, scale, seed)] = source
+    return shared
+
+
+def plan_jobs(config: SweepConfig, store: SweepStore | None, sigs: dict[str, str],
+              share_plain: bool = False) -> list[Job]:
+    """Every (seed, method) with the scales not yet done in the store (without the shared cells)."""
+    skip = shared_cells(config) if share_plain else {}
+    jobs = []
+    for seed in config.seeds:
+        for method, grid in config.grids.items():
+            todo = tuple(s for s in grid if (method, s, seed) not in skip
+                         and (store is None or not store.done(sigs[method], method, s, seed)))
+            if todo:
+                jobs.append(Job(method, todo, seed))
+    return jobs
+
+
+def selected(store: SweepStore, sigs: dict[str, str]) -> list[dict]:
+    """Every row of the sweep: each method's cells of its own signature."""
+    return [r for method, sig in sigs.items() for r in store.select(sig) if r["method"] == method]
