@@ -1,6 +1,7 @@
-"""Lightning callbacks: run directory and config saving, resumable checkpoints, the guidance sweep, training
-sample grids."""
+"""Lightning callbacks: run directory and config saving, resumable checkpoints and their W&B artifacts, the guidance
+sweep, training sample grids."""
 
+from .artifacts import CheckpointArtifacts
 from .checkpoint_io import SafeCheckpointIO
 from .checkpointing import ExactResume, GuideSnapshots, LastCheckpoint
 from .config_saver import RunConfigSaver
@@ -8,5 +9,5 @@ from .guidance_sweep import GuidanceSweep
 from .run_dir import run_dir
 from .sample_grids import SampleGrids
 
-__all__ = ["ExactResume", "GuideSnapshots", "GuidanceSweep", "LastCheckpoint", "RunConfigSaver", "SafeCheckpointIO",
-           "SampleGrids", "run_dir"]
+__all__ = ["CheckpointArtifacts", "ExactResume", "GuideSnapshots", "GuidanceSweep", "LastCheckpoint", "RunConfigSaver",
+           "SafeCheckpointIO", "SampleGrids", "run_dir"]

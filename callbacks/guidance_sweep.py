@@ -14,7 +14,6 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
@@ -32,6 +31,7 @@ from lightning_modules.sweep import (
 from lightning_modules.sweep.loading import load_guide, load_helper_networks
 from lightning_modules.sweep.orchestration import protocol_of, sweep_and_report
 
+from .artifacts import wandb_run as fit_wandb_run
 from .run_dir import run_dir
 from .sweep_wandb import WandbSweepLogger, add_tags, sweep_tags
 
@@ -72,7 +72,7 @@ class GuidanceSweep(Callback):
             raise TypeError("GuidanceSweep needs a ConditionalDiffusion module (it samples from its EMA network)")
         config.check(timesteps=pl_module.hparams.timesteps, schedule=pl_module.hparams.get("schedule"))
         check_extractor_available(resolve_extractor(config.extractor, getattr(trainer.datamodule, "name", "")),
-                                  config.inception_weights)
+                                  config.inception_weights, config.dinov2_dir, config.extra_extractors)
         # A guide snapshot:1/16 the running fit writes later (at 1/16 of max_steps) is loaded at sweep time.
         self.classifier, self.guide, self.clean_classifier = load_helper_networks(
             config, dict(pl_module.hparams), self._guide_base(trainer), allow_missing_snapshot=True)
@@ -114,7 +114,7 @@ class GuidanceSweep(Callback):
                 if (turn == "first") == trainer.is_global_zero:
                     self.evaluation = build_evaluation(c.extractor, trainer.datamodule, c.cache_dir,
                                                        c.inception_weights, c.reference_split, device,
-                                                       c.extra_extractors)
+                                                       c.extra_extractors, c.dinov2_dir, c.reference_stats)
                 trainer.strategy.barrier("guidance-sweep-prepare")
         return self.evaluation
 
@@ -135,7 +135,7 @@ class GuidanceSweep(Callback):
             models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier,
                                  self.guide, self.clean_classifier).to(device)
             out_dir = Path(trainer.strategy.broadcast(str(self._output_dir(trainer))))  # rank 0's run dir
-            wandb_run = _wandb_run(trainer)
+            wandb_run = fit_wandb_run(trainer)
             if wandb_run is not None:
                 add_tags(wandb_run, sweep_tags(self.config, getattr(trainer.datamodule, "name", None)))
             data, bf16 = trainer.datamodule, self._autocast(trainer)
@@ -160,12 +160,3 @@ def _class_names(trainer: L.Trainer) -> list[str] | None:
     except (OSError, ValueError, KeyError):  # e.g. a CIFAR meta file that cannot be read
         return None
     return [str(n) for n in names] if names else None
-
-
-def _wandb_run(trainer: L.Trainer):
-    if not trainer.is_global_zero:
-        return None
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            return logger.experiment
-    return None

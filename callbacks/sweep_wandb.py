@@ -5,7 +5,9 @@ the method's own axis `sweep/<method>/scale` (and `sweep/<method>/gamma`), with 
 `sweep/<method>/seed<k>/samples`. After the sweep: one chart per metric with every method against scale and
 against γ, as mean and mean ± std over seeds (`sweep/<metric>_vs_<axis>`), the table behind them
 (`sweep/curves`: method, metric, scale, gamma, mean, std, lower, upper, seeds), the table of every cell
-(`sweep/table`) and the PNG plots (`sweep/plots/<name>`).
+(`sweep/table`) and the PNG plots (`sweep/plots/<name>`); `sweep.csv`, `sweep.json` and `report.md` as the
+artifact `<sweep name>` of type "sweep-results" (`sweep_name`: `sweep-<run id>` for a run's own `<run>/sweep/`,
+else the output directory's name), one version per run that changed them: `use_artifact("<name>:latest")`.
 
 Summary: W&B shows a key's last logged value, which for a sweep is the last cell (largest scale, last seed),
 not a result. So the summary is rewritten after the sweep to describe each method's *best* scale (lowest FID
@@ -27,11 +29,37 @@ from typing import Any
 from PIL import Image as PILImage
 from torch import Tensor
 
+from callbacks.artifacts import artifact_name
 from lightning_modules.evaluation.registry import METRICS
 from lightning_modules.sweep import COLUMNS, SweepConfig, aggregate, summary
 from lightning_modules.sweep.store import png_bytes
 
 CURVE_COLUMNS = ["method", "metric", "scale", "gamma", "mean", "std", "lower", "upper", "seeds"]
+RESULTS_TYPE = "sweep-results"
+RESULT_FILES = ("sweep.csv", "sweep.json", "report.md")
+
+
+def sweep_name(out_dir: Path) -> str:
+    """A sweep's name on W&B (its run and its results artifact): `sweep-<run id>` for the default output directory
+    `<run dir>/sweep`, else the output directory's own name."""
+    out = Path(out_dir).resolve()
+    return f"sweep-{out.parent.name}" if out.name == "sweep" else out.name
+
+
+def log_results_artifact(run: Any, out_dir: Path, rows: list[dict]) -> None:
+    """sweep.csv, sweep.json and report.md (those that exist) as a version of the artifact `sweep_name(out_dir)`,
+    type "sweep-results"; W&B adds a version only when a file changed."""
+    import wandb
+
+    files = [Path(out_dir) / f for f in RESULT_FILES if (Path(out_dir) / f).is_file()]
+    if not files:
+        return
+    artifact = wandb.Artifact(artifact_name(sweep_name(out_dir)), type=RESULTS_TYPE,
+                              metadata={"cells": len(rows), "methods": sorted({r["method"] for r in rows}),
+                                        "extractor": rows[0].get("extractor") if rows else None})
+    for path in files:  # copied into W&B's staging area: a later sweep into this directory rewrites them
+        artifact.add_file(str(path), name=path.name)
+    run.log_artifact(artifact)
 
 
 def cell_key(method: str, seed: int, name: str) -> str:
@@ -87,6 +115,7 @@ class WandbSweepLogger:
         log_sweep(self.run, rows, figures, grid_dir=out_dir)
         if verdicts is not None:
             log_verdicts(self.run, verdicts)
+        log_results_artifact(self.run, out_dir, rows)
 
 
 def log_verdicts(run: Any, verdicts: dict) -> None:

@@ -6,9 +6,10 @@
 
 Options come from `--config` YAML files (their `sweep:` section; a recipe's `trainer:` section is ignored)
 and `--sweep.*` flags, exactly as in `python -m experiments.train validate`. The data set is the one the
-diffusion model was trained on (read from its checkpoint; `--data_dir` if the files moved). Ends with the
-best-FID table and the output paths. Add `--wandb true` to log the sweep as a W&B run (mode from
-WANDB_MODE; offline needs no account).
+diffusion model was trained on (read from its checkpoint; `--data_dir` if the files moved). `--diffusion` may
+also be a diffusers UNet2DModel directory with its scheduler config (`--dataset` names its data set; see
+lightning_modules/sweep/diffusers_models.py). Ends with the best-FID table and the output paths. Add
+`--wandb true` to log the sweep as a W&B run (mode from WANDB_MODE; offline needs no account).
 """
 
 from __future__ import annotations
@@ -37,15 +38,22 @@ from lightning_modules.sweep import (
     resolve_extractor,
     summary,
 )
+from lightning_modules.sweep.diffusers_models import is_diffusers_dir
 from lightning_modules.sweep.loading import load_helper_networks, read_checkpoint
 from lightning_modules.sweep.orchestration import SweepOutcome, protocol_of, sweep_and_report
+from lightning_modules.sweep.planning import check_network, check_null_label
 from lightning_modules.sweep.verdicts import verdict_text
 
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m experiments.sweep", description=__doc__)
     p.add_argument("--config", action=ActionConfigFile, help="YAML file(s) with a `sweep:` section")
-    p.add_argument("--diffusion", type=str, required=True, help="ConditionalDiffusion checkpoint (.ckpt)")
+    p.add_argument("--diffusion", type=str, required=True,
+                   help="ConditionalDiffusion checkpoint (.ckpt), or a diffusers UNet2DModel directory (config.json, "
+                   "diffusion_pytorch_model.safetensors and its scheduler_config.json; give --dataset)")
+    p.add_argument("--dataset", type=str | None, default=None,
+                   help="the data set a diffusers model was trained on: digits, mnist, fashion_mnist, cifar10, "
+                   "cifar100 or folder (a .ckpt records its own)")
     p.add_argument("--data_dir", type=str | None, default=None, help="where the training data now lives")
     p.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--wandb", type=bool, default=False, help="also log the sweep as a W&B run (job type 'sweep')")
@@ -56,11 +64,23 @@ def parser() -> ArgumentParser:
     return p
 
 
-def datamodule_from(path: str, image_size: int, data_dir: str | None):
-    """The DataModule the diffusion model was trained with, rebuilt from its checkpoint."""
+def datamodule_from(path: str, image_size: int | None, data_dir: str | None, dataset: str | None = None):
+    """The DataModule the diffusion model was trained with, rebuilt from its checkpoint; for a diffusers directory,
+    which records none, the `dataset` named (`image_size` None: the data set's own)."""
     from datamodules import ImageDataModule
+    from datamodules.image_datamodule import DATASETS
 
-    saved = read_checkpoint(path, "diffusion").get("datamodule_hyper_parameters") or {"name": "digits"}
+    if is_diffusers_dir(path):
+        if dataset not in DATASETS:
+            raise OptionError("dataset", f"{path} is a diffusers model directory, which records no data set, and "
+                              f"--dataset is {dataset!r}", f"name the data set it was trained on: --dataset "
+                              f"{'|'.join(DATASETS)} (--data_dir: where its files are)")
+        saved = {"name": dataset}
+    else:
+        saved = read_checkpoint(path, "diffusion").get("datamodule_hyper_parameters") or {"name": "digits"}
+        if dataset is not None and dataset != saved.get("name"):
+            raise OptionError("dataset", f"{path} was trained on {saved.get('name')!r}, not {dataset!r}",
+                              "leave --dataset out for a checkpoint: it records its data set")
     names = inspect.signature(ImageDataModule.__init__).parameters
     kwargs = {k: v for k, v in saved.items() if k in names and k != "image_size"}
     if data_dir is not None:
@@ -85,15 +105,26 @@ def sweep(argv: list[str] | None = None) -> SweepRun:
         p.error("no methods to sweep: give --sweep.methods '[cfg, cg_cond]' or a --config with sweep.methods")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     # Everything that can fail is checked before any sampling.
-    diffusion = load_diffusion(args.diffusion, device, option="diffusion")
+    # A diffusers model's classes are the data set's (an unconditional one has none of its own).
+    diffusers = is_diffusers_dir(args.diffusion)
+    classes = datamodule_from(args.diffusion, None, args.data_dir, args.dataset).num_classes if diffusers else None
+    diffusion = load_diffusion(args.diffusion, device, option="diffusion", num_classes=classes)
     config.check(timesteps=diffusion.hparams["timesteps"], schedule=diffusion.hparams.get("schedule"))
-    data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir)
-    check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights)
-    out_dir = check_writable(config.output_dir or Path(args.diffusion).resolve().parent.parent / "sweep")
+    data = datamodule_from(args.diffusion, diffusion.hparams["image_size"], args.data_dir, args.dataset)
+    if diffusion.hparams["channels"] != data.channels:
+        raise OptionError("dataset", f"{args.diffusion} takes {diffusion.hparams['channels']}-channel images, "
+                          f"{data.name} has {data.channels}", "pass the data set the model was trained on")
+    check_extractor_available(resolve_extractor(config.extractor, data.name), config.inception_weights,
+                              config.dinov2_dir, config.extra_extractors)
+    home = Path(args.diffusion).resolve() if diffusers else Path(args.diffusion).resolve().parent.parent
+    out_dir = check_writable(config.output_dir or home / "sweep")  # next to checkpoints/, or in the model's dir
     classifier, guide, clean = load_helper_networks(config, diffusion.hparams, args.diffusion, device)
     models = SweepModels(diffusion, classifier, guide, clean).to(device)
+    check_null_label(config, models)  # (the engine checks these too; here before the evaluator and references)
+    check_network(config, models)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
-                                  config.reference_split, device, config.extra_extractors)
+                                  config.reference_split, device, config.extra_extractors, config.dinov2_dir,
+                                  config.reference_stats)
     run = _wandb_run(config, args, out_dir, data.name) if args.wandb else None
     bf16 = config.precision == "bf16"
     protocol = protocol_of(config, dataset=data.name, dataset_id=data.dataset_id,
@@ -135,11 +166,10 @@ def _wandb_run(config: SweepConfig, args, out_dir: Path, dataset: str):
     import wandb
 
     from callbacks.config_saver import flatten
-    from callbacks.sweep_wandb import sweep_tags
+    from callbacks.sweep_wandb import sweep_name, sweep_tags
 
     options = json.loads(json.dumps({"sweep": dataclasses.asdict(config)}, default=str))
-    out = out_dir.resolve()
-    name = f"sweep-{out.parent.name}" if out.name == "sweep" else out.name  # default <run>/sweep: sweep-<run>
+    name = sweep_name(out_dir)  # default <run>/sweep: sweep-<run>; also its results artifact's name
     return wandb.init(project="guidelab", job_type="sweep", name=name, dir=str(out_dir), group=args.wandb_group,
                       tags=[*args.wandb_tags, *sweep_tags(config, dataset)],
                       config={**flatten(options), "diffusion": args.diffusion, "data_dir": args.data_dir,

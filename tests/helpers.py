@@ -62,7 +62,8 @@ _BLOCK, _FULL, _FIRST, _MIDDLE, _LAST = 32768, 1, 2, 3, 4
 @dataclass
 class WandbRun:
     """What an offline run holds, replayed in order: the last run record's fields, the config and the summary
-    after every update, the history rows (nested keys as nested dicts), and the run's files directory."""
+    after every update, the history rows (nested keys as nested dicts), the logged artifacts, and the run's files
+    directory."""
 
     name: str = ""
     group: str = ""
@@ -71,6 +72,7 @@ class WandbRun:
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    artifacts: list[dict] = field(default_factory=list)  # see _artifact
     files: Path = Path()
 
     def series(self, key: str, x: str) -> list[tuple[float, float]]:
@@ -128,6 +130,16 @@ def _apply(tree: dict, items, remove=()) -> None:
         node.pop(path[-1], None)
 
 
+def _artifact(a) -> dict:
+    """An ArtifactRecord (what `run.log_artifact` writes, offline too; `wandb sync` uploads it) as a dict: name,
+    type, aliases (W&B's client adds `latest` to each), metadata, and files: path in the artifact → size, its
+    base64 MD5 digest and the staged copy W&B uploads from (`local_path`)."""
+    return {"name": a.name, "type": a.type, "aliases": list(a.aliases),
+            "metadata": json.loads(a.metadata) if a.metadata else {},
+            "files": {e.path: {"size": e.size, "digest": e.digest, "local_path": e.local_path}
+                      for e in a.manifest.contents}}
+
+
 def read_wandb_run(directory: Path) -> WandbRun:
     """Replay one offline run directory (`.../wandb/offline-run-*`)."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -150,6 +162,8 @@ def read_wandb_run(directory: Path) -> WandbRun:
             row: dict = {}
             _apply(row, record.history.item)
             run.history.append(row)
+        elif kind == "artifact":
+            run.artifacts.append(_artifact(record.artifact))
     return run
 
 

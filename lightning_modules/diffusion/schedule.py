@@ -7,18 +7,46 @@ gathering them inside a training or sampling step is a single index with no host
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import Tensor
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine")  # the named kinds; `beta_range_kind` names β ranges given outright (diffusers')
+BETA_RANGES = ("linear", "scaled_linear")
 TARGETS = ("eps", "v")
+_BETA_RANGE = re.compile(r"^(linear|scaled_linear)\(([^,()]+),([^,()]+)\)$")
+
+
+def beta_range_kind(kind: str, beta_start: float, beta_end: float) -> str:
+    """The schedule name of β_1..β_T from `beta_start` to `beta_end` exactly as given (no rescaling with T, unlike
+    'linear'): 'linear(β_1,β_T)' is linear in β, 'scaled_linear(β_1,β_T)' linear in √β (diffusers' beta schedules
+    of those names). A string, so it travels in hyperparameters and compatibility checks like the named kinds."""
+    if kind not in BETA_RANGES:
+        raise ValueError(f"unknown β range {kind!r}; choose one of {BETA_RANGES}")
+    return f"{kind}({float(beta_start)!r},{float(beta_end)!r})"  # repr: the shortest text that reads back exactly
+
+
+def _beta_range(kind: str, timesteps: int) -> Tensor | None:
+    match = _BETA_RANGE.match(kind)
+    if match is None:
+        return None
+    name, start, end = match.group(1), float(match.group(2)), float(match.group(3))
+    if not 0 < start <= end < 1:
+        raise ValueError(f"noise schedule {kind!r}: need 0 < β_start <= β_end < 1")
+    if name == "linear":
+        return torch.linspace(start, end, timesteps, dtype=torch.float64)
+    return torch.linspace(math.sqrt(start), math.sqrt(end), timesteps, dtype=torch.float64) ** 2
 
 
 def make_betas(kind: str, timesteps: int) -> Tensor:
-    """β_1..β_T as float64: 'linear' (Ho et al. 2020, rescaled to T) or 'cosine' (Nichol & Dhariwal 2021)."""
+    """β_1..β_T as float64: 'linear' (Ho et al. 2020, rescaled to T), 'cosine' (Nichol & Dhariwal 2021; diffusers'
+    squaredcos_cap_v2), or a β range given outright (`beta_range_kind`)."""
     if timesteps < 2:
         raise ValueError(f"timesteps must be >= 2, got {timesteps}")
+    given = _beta_range(kind, timesteps)
+    if given is not None:
+        return given
     if kind == "linear":
         scale = 1000.0 / timesteps  # keeps ᾱ_T ≈ the 1000-step value for any T
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
@@ -28,7 +56,8 @@ def make_betas(kind: str, timesteps: int) -> Tensor:
         f = torch.cos((grid + s) / (1 + s) * math.pi / 2) ** 2
         alpha_bar = f / f[0]
         return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"unknown noise schedule {kind!r}; choose one of {SCHEDULES}")
+    raise ValueError(f"unknown noise schedule {kind!r}; choose one of {SCHEDULES} or a β range "
+                     "such as 'scaled_linear(0.00085,0.012)'")
 
 
 class NoiseSchedule:

@@ -146,7 +146,7 @@ def to_uint8_range(x: Tensor) -> Tensor:
     if u8.shape[1] == 1:
         u8 = u8.repeat(1, 3, 1, 1)
     if u8.shape[1] != 3:
-        raise ValueError(f"Inception needs 1 or 3 channels, got shape {tuple(x.shape)}")
+        raise ValueError(f"the feature networks need 1 or 3 channels, got shape {tuple(x.shape)}")
     return u8
 
 

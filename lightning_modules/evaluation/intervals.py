@@ -130,22 +130,27 @@ def complements(halves: Tensor, strata: Tensor) -> Tensor:
     return torch.stack(out) if out else halves
 
 
-def subset_values(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
+def subset_values(ref_feats: Tensor | None, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
                   subsets: Tensor, k: int = 3) -> dict[str, Tensor]:
     """Every metric of METRICS on each subset of the samples (rows of `subsets`), float64 on the CPU. KID leaves
     out the reals' own kernel term, a constant of the reference set (the N×N kernel is not worth computing per
-    cell): its values are exact up to that constant, so their differences and spread are exact."""
-    precision, recall = precision_recall_of_subsets(ref_feats, feats, subsets, k)
+    cell): its values are exact up to that constant, so their differences and spread are exact. `ref_feats` None
+    (statistics only): KID and precision/recall are NaN."""
+    if ref_feats is None:
+        precision = recall = kid = torch.full((len(subsets),), math.nan, dtype=torch.float64)
+    else:
+        precision, recall = precision_recall_of_subsets(ref_feats, feats, subsets, k)
+        kid = kid_of_subsets(ref_feats, feats, subsets, real_term=False)
     y = None if labels is None else labels.to(logits.device)
     values = {"fid": [fid_from_stats(*ref_stats[:2], feats[h], sqrt_sigma_r=ref_stats[2]) for h in subsets],
-              "kid": kid_of_subsets(ref_feats, feats, subsets, real_term=False),
+              "kid": kid,
               "score": [classifier_score(logits[h]) for h in subsets],
               "precision": precision, "recall": recall,
               "accuracy": [math.nan if y is None else target_accuracy(logits[h], y[h]) for h in subsets]}
     return {m: torch.as_tensor(values[m], dtype=torch.float64).flatten().cpu() for m in METRICS}
 
 
-def metric_draws(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
+def metric_draws(ref_feats: Tensor | None, ref_stats: tuple, feats: Tensor, logits: Tensor, labels: Tensor | None,
                  draws: int, k: int = 3, strata: Tensor | None = None) -> tuple[Tensor, dict, dict]:
     """(halves, values on each half, values on each half's complement): what a cell persists so that any two
     cells of a sweep can be compared draw by draw (same halves in every cell: one fixed generator)."""
@@ -159,7 +164,7 @@ def metric_draws(ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Ten
     return halves, half, rest
 
 
-def metric_intervals(point: dict[str, float], ref_feats: Tensor, ref_stats: tuple, feats: Tensor, logits: Tensor,
+def metric_intervals(point: dict[str, float], ref_feats: Tensor | None, ref_stats: tuple, feats: Tensor, logits: Tensor,
                      labels: Tensor | None, draws: int, k: int = 3, strata: Tensor | None = None,
                      clip: bool = True, values: dict[str, Tensor] | None = None) -> dict[str, float]:
     """`<metric>_lo` / `<metric>_hi` for every metric in METRICS from `draws` random halves (NaN when draws = 0

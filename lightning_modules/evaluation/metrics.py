@@ -138,11 +138,14 @@ def classifier_score(logits: ArrayLike) -> float:
     """exp(E_x KL(p(y|x) || p(y))) over all samples in one split.
 
     With Inception's unbiased logits this is the Inception score (torch-fidelity's `isc_features_to_metric`
-    with splits=1, no shuffling: the split count changes the value, one split uses every sample).
+    with splits=1, no shuffling: the split count changes the value, one split uses every sample). NaN for (N, 0)
+    logits: an extractor without a classifier head (DINOv2) has no classes to score.
     """
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
     lg = _features(logits, torch.device("cpu"))
+    if lg.shape[1] == 0:
+        return math.nan
     return float(isc_features_to_metric(lg, splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN])
 
 
@@ -176,7 +179,7 @@ def target_accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
 
 
 def cell_metrics(
-    real_features: ArrayLike,
+    real_features: ArrayLike | None,
     fake_features: ArrayLike,
     fake_logits: ArrayLike,
     labels: ArrayLike | None,
@@ -192,14 +195,18 @@ def cell_metrics(
     `ref_stats` = (mu, sigma) of the real features, or `reference_moments(...)` = (mu, sigma, sigma^½),
     saves recomputing a d x d covariance (and its square root) per cell. Everything runs on the features'
     device. `labels` = the target classes the samples were generated
-    for; None (unconditional sampling) gives accuracy = nan.
+    for; None (unconditional sampling) gives accuracy = nan. `real_features` None (statistics only): KID and
+    precision/recall are nan, FID needs `ref_stats`.
     """
     if ref_stats is not None:
         fid = fid_from_stats(*ref_stats[:2], fake_features, sqrt_sigma_r=ref_stats[2] if len(ref_stats) > 2 else None)
     else:
         fid = fid_from_features(real_features, fake_features)
-    kid, kid_std = kid_from_features(real_features, fake_features, kid_subset_size, kid_subsets, seed)
-    precision, recall = precision_recall(real_features, fake_features, k=k)
+    if real_features is None:
+        kid = kid_std = precision = recall = math.nan
+    else:
+        kid, kid_std = kid_from_features(real_features, fake_features, kid_subset_size, kid_subsets, seed)
+        precision, recall = precision_recall(real_features, fake_features, k=k)
     return {
         "fid": fid,
         "kid": kid,

@@ -24,7 +24,7 @@ from lightning_modules.diffusion import (
 )
 
 DEFAULT_SCALES = {name: list(rule.default_scales) for name, rule in RULES.items()}  # each method's own grid
-EXTRACTORS = ("auto", "evaluator", "inception")
+EXTRACTORS = ("auto", "evaluator", "inception", "dinov2")
 PRECISIONS = ("auto", "32", "bf16")
 P = "sweep."  # how options are named in messages: the LightningCLI group and the YAML key
 
@@ -51,15 +51,28 @@ class SweepConfig:
         clean_classifier_ckpt: a classifier trained on clean images (NoisyClassifier with train_on=clean) for
             cg_clean; never the evaluator that scores the samples.
         extractor: feature network for FID & co: auto (evaluator for digits/MNIST/Fashion-MNIST, Inception
-            otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file).
+            otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file), dinov2
+            (FD_DINOv2: a pretrained DINOv2's CLS features from `dinov2_dir`; no logits, so no score or accuracy).
         extra_extractors: further feature spaces every cell is also scored in, so each paired verdict says
             whether it holds in every space or flips: evaluator-mlp (an MLP evaluator, another architecture
-            and seed), evaluator-cnn-seed1 (the main evaluator's CNN, another seed). Trained once and cached.
+            and seed), evaluator-cnn-seed1 (the main evaluator's CNN, another seed), both trained once and cached;
+            dinov2 (FD_DINOv2 beside FID, from `dinov2_dir`).
         inception_weights: local weights-inception-2015-12-05-6726825d.pth (nothing is downloaded).
+        dinov2_dir: a local transformers Dinov2Model directory (`save_pretrained`: config.json + model.safetensors,
+            e.g. facebook/dinov2-large) for extractor or extra extractor dinov2 (nothing is downloaded).
         reference_split: real-data split the sample statistics are compared with.
+        reference_stats: an .npz of precomputed FID statistics (`mu`, `sigma`, as pytorch-fid, clean-fid and EDM
+            write them; ADM's reference batches carry them too) that FID is computed against instead of the
+            reference split's own. They must be in the extractor's space: Inception-v3 pool features (2048-d,
+            --sweep.extractor inception) for the usual files. KID and precision/recall are still computed
+            against the split's features; the file's SHA-256 enters every cell's signature.
         cache_dir: where the evaluator and reference features are cached.
         output_dir: where sweep.csv / sweep.json / plots / grids go (default: <run dir>/sweep).
         grid_size: images per cell kept for the sample grids (the first of each cell).
+        save_samples: also write every image of every cell as samples/<cell>.npz, ADM-style (uint8 (N, H, W, C)
+            `arr_0`, labels `arr_1`), for any external evaluator (`python -m experiments.evaluate` re-scores them
+            to the cell's row); the disk cost is printed before sampling. A cell recorded without its file is
+            sampled again.
         bootstrap: resamples (random halves of the samples) for every metric's 95% interval over samples per cell
             (0 = none; see docs/conventions.md). Each FID resample is a d×d eigendecomposition: cheap for the
             evaluator's 128-d features, seconds for Inception's 2048-d ones on a CPU (the CIFAR recipe sets 0).
@@ -79,13 +92,16 @@ class SweepConfig:
     classifier_ckpt: str | None = None
     guide_ckpt: str | None = None
     clean_classifier_ckpt: str | None = None
-    extractor: Literal["auto", "evaluator", "inception"] = "auto"
+    extractor: Literal["auto", "evaluator", "inception", "dinov2"] = "auto"
     extra_extractors: list[str] = field(default_factory=list)
     inception_weights: str | None = None
+    dinov2_dir: str | None = None
     reference_split: Literal["train", "val"] = "train"
+    reference_stats: str | None = None
     cache_dir: str = ".cache/guidelab"
     output_dir: str | None = None
     grid_size: int = 40
+    save_samples: bool = False
     bootstrap: int = 50
     precision: Literal["auto", "32", "bf16"] = "auto"
     every_n_epochs: int = 0
@@ -154,12 +170,20 @@ class SweepConfig:
                               f"choose one of {list(PRECISIONS)}")
         if self.reference_split not in ("train", "val"):
             raise OptionError(f"{P}reference_split", f"unknown split {self.reference_split!r}", "use train or val")
+        if self.reference_stats is not None:  # the file itself here; its dimension against the extractor's later
+            from lightning_modules.evaluation.sample_files import read_statistics
+
+            read_statistics(self.reference_stats, f"{P}reference_stats")
         from .evaluation import EXTRA_EXTRACTORS  # late: evaluation imports the metric stack
 
         unknown = [name for name in self.extra_extractors if name not in EXTRA_EXTRACTORS]
         if unknown:
             raise OptionError(f"{P}extra_extractors", f"unknown extra extractor(s) {unknown}",
                               f"use any of {list(EXTRA_EXTRACTORS)}, or []")
+        if "dinov2" in (self.extractor, *self.extra_extractors) and not self.dinov2_dir:
+            # The directory's files are checked with the other extractors' (check_extractor_available).
+            raise OptionError(f"{P}dinov2_dir", "the DINOv2 extractor needs a local model directory",
+                              "pass --sweep.dinov2_dir DIR, a transformers Dinov2Model saved with save_pretrained")
         self.sampling.check(timesteps, prefix=f"{P}sampling.")
         self.guidance.check(timesteps, prefix=f"{P}guidance.")
         if timesteps is not None and any(m != "none" for m in self.methods):  # 'none' ignores the bands

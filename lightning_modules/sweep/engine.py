@@ -4,7 +4,8 @@ One engine, thin callers: the Lightning callback (hooks, ranks, W&B), `python -m
 benchmark all run `run_sweep` / `run_job`. All scales of a method run as one batched pass (per-sample scale
 vectors); item i of a job is sample i % n at scale index i // n, and sample i's noise is a hash of
 (seed, i), so every cell starts from the same noise on any batch size or number of ranks. Rank r takes
-items r, r + W, ...; each item is produced by exactly one rank, so summing zero-padded buffers is exact.
+items r, r + W, ...; each item is produced by exactly one rank, so summing zero-padded buffers is exact. Samples
+are scored rounded to 8 bits, as `samples/<cell>.npz` (`sweep.save_samples`) and the grids hold them.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_modules.diffusion import GuidedDenoiser, cell_cost, make_rule, sample, sample_keys
+from lightning_modules.evaluation.sample_files import from_pixels, to_pixels
 
 from .config import SweepConfig
 from .evaluation import Evaluation
 from .models import SweepModels
-from .planning import Job, check_null_label, plan_jobs, selected, shared_cells, signatures
+from .planning import Job, check_network, check_null_label, plan_jobs, selected, shared_cells, signatures
 from .store import SweepStore, png_bytes
 
 
@@ -58,6 +60,7 @@ class JobResult:
     sampling_seconds: float
     metrics_seconds: float
     draws: list[dict]  # per scale: the cell's draws record in every feature space (see Evaluation.score_with_draws)
+    samples: list[Tensor] | None = None  # per scale, with save_samples: every image of the cell, uint8 (N, H, W, C)
 
 
 def _record_shared(config: SweepConfig, store: SweepStore, sigs: dict[str, str], on_cell) -> None:
@@ -66,14 +69,24 @@ def _record_shared(config: SweepConfig, store: SweepStore, sigs: dict[str, str],
     for (method, scale, seed), (src_method, src_scale) in shared_cells(config).items():
         source = rows.get((src_method, src_scale, seed))
         sig = sigs[method]
-        if source is None or store.done(sig, method, scale, seed):
+        if source is None or store.done(sig, method, scale, seed, samples=config.save_samples):
             continue
         rule = make_rule(method, config.guidance)
         row = {**source, "method": method, "scale": scale, "gamma": rule.gamma(scale), "signature": sig,
                "same_as": f"{src_method} s={src_scale:g}", "grid": store.grid_path(sig, method, scale, seed)}
+        # Its samples file, if any, is the source's own (`samples` is copied with the row): same images, no copy.
         store.append(row, (store.directory / source["grid"]).read_bytes())
         if on_cell is not None:
             on_cell(row, None)
+
+
+def samples_cost(config: SweepConfig, models: SweepModels, cells: int, store: SweepStore) -> str:
+    """What save_samples will write: bytes per cell (uint8 images + int64 labels) and in all, said before sampling."""
+    c, h, w = models.shape
+    per_cell = config.num_samples * (c * h * w + 8) + 512  # + the .npz's headers
+    return (f"[sweep] save_samples: {cells} cell(s) to sample × {per_cell / 2**20:.2f} MiB = "
+            f"{cells * per_cell / 2**20:.1f} MiB of .npz in {store.directory / 'samples'} (cells shared on paired "
+            "noise point to their source's file)")
 
 
 def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: Tensor,
@@ -95,7 +108,7 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
         keys = sample_keys(job.seed, sample_idx).to(device)
         stats: dict = {}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            images = sample(den, models.shape, keys, s, callback=on_step, stats=stats)
+            images = models.decode(sample(den, models.shape, keys, s, callback=on_step, stats=stats))
         yield chunk, images.float(), stats["thresholded_steps"], stats["trace"]
 
 
@@ -114,6 +127,9 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
     feats = [torch.zeros(total, e.extractor.num_features, device=device) for e in spaces]
     logits = [torch.zeros(total, e.logit_width(models.shape, device), device=device) for e in spaces]
     grid = torch.zeros(len(job.scales) * g, *models.shape, device=device)
+    # Every image, for samples/<cell>.npz: each item is written by one rank, so summing the zero-padded buffers
+    # across ranks is exact (in uint8 too).
+    pixels = torch.zeros(total, *models.shape, dtype=torch.uint8, device=device) if config.save_samples else None
     thresholded = torch.zeros(total, device=device)  # steps at which each item's x̂0 was thresholded
     traces: dict[str, Tensor] = {}  # a rule's per-sample values per step (FBG's λ_t): (steps, total) each
     start, feature_seconds = time.perf_counter(), 0.0
@@ -123,6 +139,12 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         _sync(device)
         t0 = time.perf_counter()
         index = chunk.to(device)
+        # Scored as saved: rounded to 8 bits, as a PNG or an ADM-style .npz holds the samples, so an external
+        # evaluator of the saved images (python -m experiments.evaluate) reads the cell's own numbers.
+        u8 = to_pixels(images)
+        images = from_pixels(u8)
+        if pixels is not None:
+            pixels[index] = u8
         for e, f_all, lg_all in zip(spaces, feats, logits):
             f, lg = e.extractor.extract(images)
             f_all[index], lg_all[index] = f.to(device), lg.to(device)
@@ -133,7 +155,7 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         grid[(index // n * g + index % n)[in_grid]] = images[in_grid]
         _sync(device)
         feature_seconds += time.perf_counter() - t0
-    for tensor in (*feats, *logits, grid, thresholded, *traces.values()):
+    for tensor in (*feats, *logits, grid, thresholded, *traces.values(), *([] if pixels is None else [pixels])):
         dist.all_sum(tensor)
     _sync(device)
     sampling_seconds = time.perf_counter() - start - feature_seconds
@@ -168,7 +190,9 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
         row["seconds"] = seconds * weight / sum(weights)
         row["seconds_per_sample"] = row["seconds"] / n
     grids = [grid[j * g:(j + 1) * g].cpu() for j in range(len(job.scales))]
-    return JobResult(rows, grids, sampling_seconds, metrics_seconds, draws)
+    samples = None if pixels is None else [pixels[j * n:(j + 1) * n].permute(0, 2, 3, 1).cpu()
+                                           for j in range(len(job.scales))]
+    return JobResult(rows, grids, sampling_seconds, metrics_seconds, draws, samples)
 
 
 def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, store: SweepStore | None, *,
@@ -182,6 +206,7 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     # With the model's schedule: a guidance band that holds none of the sampling steps fails here, before any work.
     config.check(models.schedule.timesteps, models.schedule.kind)
     check_null_label(config, models)
+    check_network(config, models)
     sigs = signatures(config, models, evaluation, autocast_dtype is not None)
     jobs = dist.broadcast(plan_jobs(config, store, sigs, share_plain=True) if dist.rank == 0 else None)
     steps = config.sampling.steps
@@ -191,14 +216,18 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     bar = tqdm(total=chunks * steps, desc="sweep", unit="step", disable=not (config.progress and dist.rank == 0),
                dynamic_ncols=True)
     bar.set_postfix_str(f"{len(jobs)} passes, {total} images")
+    if config.save_samples and store is not None:
+        print(samples_cost(config, models, sum(len(j.scales) for j in jobs), store), flush=True)
     for job in jobs:
         bar.set_description(f"sweep {job.method} seed {job.seed}")
         result = run_job(models, config, evaluation, job, sigs[job.method], dist=dist, autocast_dtype=autocast_dtype,
                          on_step=lambda _: bar.update())
         if store is not None:
-            for row, grid, draws in zip(result.rows, result.grids, result.draws):
+            labels = (torch.arange(config.num_samples) % models.num_classes).numpy()
+            for j, (row, grid, draws) in enumerate(zip(result.rows, result.grids, result.draws)):
                 row["grid"] = store.grid_path(sigs[job.method], row["method"], row["scale"], row["seed"])
-                store.append(row, png_bytes(grid, nrow=models.num_classes), draws)
+                samples = None if result.samples is None else (result.samples[j].numpy(), labels)
+                store.append(row, png_bytes(grid, nrow=models.num_classes), draws, samples)
                 if on_cell is not None:
                     on_cell(row, grid)
     bar.close()

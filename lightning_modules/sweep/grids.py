@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
+
+from lightning_modules.evaluation.sample_files import to_pixels
 
 LAYOUT_KEY = "guidelab-grid"
 MIN_PIXELS = 32
@@ -47,8 +48,7 @@ class GridLayout:
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """Images in [-1, 1], (N, C, H, W) → uint8 (N, H, W, C), rounded as torchvision's save_image does."""
-    x = ((images.detach().float().cpu() + 1) / 2).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return to_pixels(images.cpu()).permute(0, 2, 3, 1).numpy()
 
 
 def upscale_factor(height: int, width: int, min_pixels: int = MIN_PIXELS) -> int:

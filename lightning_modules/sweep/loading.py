@@ -1,6 +1,6 @@
 """Loading a sweep's networks from Lightning checkpoints: tensors only (`weights_only=True`, so no code runs
 from a file), each checked against the diffusion model, every problem an OptionError naming the option and
-the file, before any sampling."""
+the file, before any sampling. A diffusers model directory as the diffusion model or guide: `diffusers_models`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lightning_modules.diffusion import OptionError
 from lightning_modules.networks import EncoderClassifier, UNet
 from lightning_modules.sweep.config import SweepConfig
 
+from .diffusers_models import is_diffusers_dir, load_diffusers
 from .models import Network, check_clean, check_compatible
 
 _UNSAFE = "it holds Python objects that are not plain tensors/containers (refused: loading them could run code)"
@@ -75,9 +76,13 @@ def _submodule(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_diffusion(path: str | Path, device: torch.device | str = "cpu", option: str = "diffusion checkpoint"
-                   ) -> Network:
-    """The EMA network of a ConditionalDiffusion checkpoint (what generates every evaluation sample)."""
+def load_diffusion(path: str | Path, device: torch.device | str = "cpu", option: str = "diffusion checkpoint",
+                   num_classes: int | None = None) -> Network:
+    """The EMA network of a ConditionalDiffusion checkpoint (what generates every evaluation sample), or a diffusers
+    model directory (`diffusers_models.load_diffusers`; `num_classes`: the data set's, which an unconditional
+    diffusers model needs and a conditional one must match; a checkpoint records its own)."""
+    if is_diffusers_dir(path):
+        return load_diffusers(path, device, option, num_classes)
     ckpt = read_checkpoint(path, option)
     hp = dict(ckpt["hyper_parameters"])
     if "p_uncond" not in hp:
@@ -107,6 +112,10 @@ def load_guide(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str
         return None
     path = resolve_guide(config.guide_ckpt, diffusion_ckpt)
     snapshot = config.guide_ckpt.startswith("snapshot:")
+    if snapshot and diffusion_ckpt is not None and is_diffusers_dir(diffusion_ckpt):
+        raise OptionError("sweep.guide_ckpt", f"{config.guide_ckpt} names a guide snapshot that a diffusion fit here "
+                          f"keeps beside its checkpoint; the diffusers model {diffusion_ckpt} has none",
+                          "pass a weaker model of the same data: another diffusers directory or a .ckpt")
     if snapshot and not path.exists():
         if allow_missing_snapshot:
             return None
@@ -116,7 +125,7 @@ def load_guide(config: SweepConfig, diffusion_hparams: dict, diffusion_ckpt: str
                           f"reaches {fraction} of trainer.max_steps)", "pass the checkpoint of a diffusion fit that "
                           f"got that far with GuideSnapshots listing {fraction} (configs/experiments/"
                           "digits_diffusion.yaml does), or a guide checkpoint file: --sweep.guide_ckpt PATH")
-    guide = load_diffusion(path, device, option="sweep.guide_ckpt")
+    guide = load_diffusion(path, device, option="sweep.guide_ckpt", num_classes=diffusion_hparams.get("num_classes"))
     check_compatible(diffusion_hparams, guide.hparams, str(path), "guide", "sweep.guide_ckpt")
     return guide
 

@@ -103,6 +103,13 @@ class SweepModels:
         per_pass = f.get(classifier, 0.0) / f["diffusion"] + extra_per_pass
         return nfe + classifier_passes * per_pass + guide_evals * f.get("guide", 0.0) / f["diffusion"]
 
+    def decode(self, samples: Tensor) -> Tensor:
+        """What the sampler produced → the images that grids and features see: the diffusion network's own
+        `decode` step where it has one (a latent model's VAE decoder; `networks.diffusers_unet`), else the samples
+        themselves (every pixel-space model)."""
+        decode = getattr(self.diffusion.net, "decode", None)
+        return samples if decode is None else decode(samples)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         hp = self.diffusion.hparams

@@ -1,5 +1,5 @@
 """What a sweep will do before it does it: cell signatures, the jobs left, shared plain cells, and the checks
-that need the model (a method that would evaluate an untrained null label).
+that need the model (a method that would evaluate an untrained null label, or a branch its network cannot give).
 
 A cell's signature holds everything that makes two cells comparable, per method (only what its rule reads), so a
 rerun reuses every cell whose signature it finds in the store.
@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from lightning_modules.diffusion import OptionError, make_rule, respaced_timesteps
+from lightning_modules.diffusion import (
+    METHODS,
+    GuidanceRule,
+    NoiseSchedule,
+    OptionError,
+    StepMode,
+    make_rule,
+    respaced_timesteps,
+)
+from lightning_modules.diffusion.denoiser import CLEAN
 from lightning_modules.diffusion.guidance import guidance_weight
 
-from .config import SweepConfig
+from .config import DEFAULT_SCALES, SweepConfig
 from .evaluation import Evaluation
 from .models import SweepModels
 from .store import SweepStore
 
-ENGINE_VERSION = 6  # part of every cell's signature: bump when the engine's numbers change
+# The main network's label branches (one batched forward), as messages name them.
+LABEL_BRANCHES = dict(zip(CLEAN, ("conditional", "null-label (unconditional)", "random-class")))
+ENGINE_VERSION = 7  # part of every cell's signature: bump when the engine's numbers change (7: scored on 8-bit samples)
 
 
 @dataclass(frozen=True)
@@ -59,21 +71,64 @@ def signatures(config: SweepConfig, models: SweepModels, evaluation: Evaluation,
     return {m: signature(config, models, evaluation, bf16, m) for m in config.methods}
 
 
+def _step_modes(rule: GuidanceRule, grid: list[float], schedule: NoiseSchedule, steps: int
+                ) -> Iterator[tuple[float, StepMode]]:
+    """(scale, what the step evaluates) of every scale of `grid` at every sampling step, as the sampler will ask."""
+    ts = respaced_timesteps(schedule.timesteps, steps)
+    rule.prepare(schedule, list(zip(ts, ts[1:] + [-1])))
+    for s in grid:
+        for t in ts:
+            yield s, rule.step_mode(t, [s], guidance_weight(t, schedule, rule.options))
+
+
 def check_null_label(config: SweepConfig, models: SweepModels) -> None:
     """OptionError if a method would evaluate the null label of a model trained without label dropout (its null
     embedding was never trained, so the "unconditional" branch is noise)."""
     if models.diffusion.hparams.get("p_uncond", 0.1) > 0:
         return
-    ts = respaced_timesteps(models.schedule.timesteps, config.sampling.steps)
     for method, grid in config.grids.items():
-        rule = make_rule(method, config.guidance)
-        rule.prepare(models.schedule, list(zip(ts, ts[1:] + [-1])))
-        if any("uncond" in rule.step_mode(t, [s], guidance_weight(t, models.schedule, rule.options)).branches
-               for s in grid for t in ts):
+        modes = _step_modes(make_rule(method, config.guidance), grid, models.schedule, config.sampling.steps)
+        if any("uncond" in mode.branches for _, mode in modes):
             raise OptionError("sweep.methods", f"{method} evaluates the null label, but the diffusion model was "
                               "trained without label dropout (p_uncond = 0), so its null-label branch is untrained",
                               "sweep methods that need no null label on it (icg, cg_cond, autoguidance, pag, seg, "
                               "tsg, autoguidance_degraded), or train with --model.init_args.p_uncond 0.1")
+
+
+def network_problem(rule: GuidanceRule, grid: list[float], schedule: NoiseSchedule, steps: int, hparams: dict
+                    ) -> str | None:
+    """Why the diffusion network these hyperparameters describe cannot run `rule` at these scales, or None.
+
+    Read off the branches its steps evaluate: for an unconditional model (`conditional: False`, it ignores labels)
+    any step that combines two of the label branches (conditional, null label, random class) combines one output
+    with itself, so the method would not guide; a network without this framework's UNet modules
+    (`perturbable: False`) cannot run a perturbed pass (its hooks look for them)."""
+    for s, mode in _step_modes(rule, grid, schedule, steps):
+        labelled = [LABEL_BRANCHES[b] for b in mode.branches if b in LABEL_BRANCHES]
+        if not hparams.get("conditional", True) and len(labelled) > 1:
+            return (f"at scale {s:g} it combines the {' and '.join(labelled)} predictions, but the diffusion model is "
+                    "unconditional: they are one and the same output, so it would not guide")
+        if "perturbed" in mode.branches and not hparams.get("perturbable", True):
+            return (f"at scale {s:g} it runs the network under a perturbation whose hooks need this framework's UNet "
+                    f"modules (time_embed, self-attention, ResBlocks), which a {hparams.get('network')} network has "
+                    "not")
+    return None
+
+
+def check_network(config: SweepConfig, models: SweepModels) -> None:
+    """OptionError naming the first swept method the diffusion network cannot run (`network_problem`), with the
+    methods it can run at their default scales."""
+    hp, steps = models.diffusion.hparams, config.sampling.steps
+    for method, grid in config.grids.items():
+        problem = network_problem(make_rule(method, config.guidance), grid, models.schedule, steps, hp)
+        if problem is None:
+            continue
+        runnable = [m for m in METHODS if network_problem(make_rule(m, config.guidance), list(DEFAULT_SCALES[m]),
+                                                          models.schedule, steps, hp) is None]
+        classic = "; cg_cond on an unconditional model is Dhariwal & Nichol's classifier guidance" \
+            if not hp.get("conditional", True) else ""
+        raise OptionError("sweep.methods", f"{method}: {problem}", f"sweep methods this model can run: {runnable}"
+                          f"{classic}")
 
 
 def shared_cells(config: SweepConfig) -> dict[tuple[str, float, int], tuple[str, float]]:
@@ -103,7 +158,7 @@ def plan_jobs(config: SweepConfig, store: SweepStore | None, sigs: dict[str, str
     for seed in config.seeds:
         for method, grid in config.grids.items():
             todo = tuple(s for s in grid if (method, s, seed) not in skip
-                         and (store is None or not store.done(sigs[method], method, s, seed)))
+                         and (store is None or not store.done(sigs[method], method, s, seed, config.save_samples)))
             if todo:
                 jobs.append(Job(method, todo, seed))
     return jobs

@@ -225,8 +225,12 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
     out += ["", "## Cost", "", f"- {len(rows)} cells ({len(cells(rows))} method × scale, {len(seeds)} seed{plural}), "
             f"{samples:,} samples, {total_passes:,.0f} network passes in all.",
             f"- {total_seconds:,.0f} s of sampling and scoring recorded ({total_seconds / 60:.1f} min).", ""]
-    space = ("Features are Inception-v3's pool features (the usual FID scale)." if "inception" in
-             str(first["extractor"]).lower() else "Features are the framework's evaluator's 128-d embedding "
+    extractor = str(first["extractor"]).lower()
+    space = ("Features are Inception-v3's pool features (the usual FID scale)." if "inception" in extractor else
+             f"Features are a DINOv2 ViT's CLS token (`{first['extractor']}`): FID here is **FD_DINOv2** (Stein et "
+             "al. 2023), on EDM2's scale for ViT-L/14 weights at 50k samples; DINOv2 has no classifier head, so "
+             "score and accuracy are empty." if extractor.startswith("dinov2") else
+             "Features are the framework's evaluator's 128-d embedding "
              f"(`{first['extractor']}`), so values are **not on Inception's scale** and not comparable with "
              "published FIDs.")
     out += ["## What the numbers mean", ""] + [f"- **{name}**: {text.replace('{fid_space}', space)}"

@@ -3,8 +3,9 @@
 Crash safety, in the order a cell is recorded: its grid PNG is written to a temporary file, fsynced and
 renamed into place; only then is its CSV row appended (one fsynced line), then `sweep.json` is replaced
 atomically. A cell is done when its row is in the CSV *and* its grid file is there and non-empty, so a
-kill or a full disk at any point leaves either a finished cell or one that is recomputed. On reading, a
-half-written last line (no newline) or a malformed row is reported with the file name and moved to
+kill or a full disk at any point leaves either a finished cell or one that is recomputed. With
+`sweep.save_samples`, a cell's samples are written the same way (`samples/<cell>.npz`) before its row. On
+reading, a half-written last line (no newline) or a malformed row is reported with the file name and moved to
 `sweep.csv.rejected`, never glued onto.
 
 Concurrent runs: open the store with `SweepStore.exclusive(directory)`, which holds the directory's advisory
@@ -27,10 +28,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from torch import Tensor
 
 from lightning_modules.diffusion import OptionError
 from lightning_modules.evaluation.registry import METRICS
+from lightning_modules.evaluation.sample_files import write_npz
 from lightning_modules.files import atomic_write as _atomic_write
 from lightning_modules.files import exclusive_lock, remove_stale_temp_files
 
@@ -44,10 +47,10 @@ COLUMNS = [
     "thresholded_fraction", "guidance_trace", *_METRIC_COLUMNS, "seconds",
     "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
     "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
-    "draws",
+    "draws", "samples",
 ]
 TEXT = {"method", "sampler", "guidance_trace", "diffusion_sha", "classifier_sha", "guide_sha", "clean_classifier_sha",
-        "extractor", "signature", "grid", "same_as", "draws"}
+        "extractor", "signature", "grid", "same_as", "draws", "samples"}
 INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step", "guide_step", "clean_classifier_step"}
 
 
@@ -88,7 +91,7 @@ class SweepStore:
         killed writers are removed first, and sweep.json is rewritten from sweep.csv on the way out."""
         path = check_writable(directory)
         with exclusive_lock(path):
-            remove_stale_temp_files(path, path / "grids", path / "draws")
+            remove_stale_temp_files(path, path / "grids", path / "draws", path / "samples")
             store = cls(path)
             try:
                 yield store
@@ -141,12 +144,15 @@ class SweepStore:
         warnings.warn(f"{self.csv_path}: {why}; moved to {rejected}", stacklevel=3)
 
     # ------------------------------------------------------------------ queries
-    def done(self, signature: str, method: str, scale: float, seed: int) -> bool:
-        """Whether this cell is recorded and its grid image is intact."""
-        for r in self.rows:
+    def done(self, signature: str, method: str, scale: float, seed: int, samples: bool = False) -> bool:
+        """Whether this cell is recorded and its files (grid, draws, samples) are intact; `samples`: it must also
+        have its samples file (a sweep with save_samples recomputes a cell recorded without one)."""
+        for r in reversed(self.rows):  # the latest row of a cell, as `select` reads it
             if (r["signature"] == signature and r["method"] == method and r["seed"] == seed
                     and math.isclose(r["scale"], scale)):
-                files = [self.directory / r["grid"], *([self.directory / r["draws"]] if r["draws"] else [])]
+                if samples and not r["samples"]:
+                    return False
+                files = [self.directory / r[key] for key in ("grid", "draws", "samples") if r[key]]
                 return all(f.is_file() and f.stat().st_size > 0 for f in files)
         return False
 
@@ -162,6 +168,9 @@ class SweepStore:
     def draws_path(self, row: dict) -> str:
         return f"draws/{Path(row['grid']).stem}.json"
 
+    def samples_path(self, row: dict) -> str:
+        return f"samples/{Path(row['grid']).stem}.npz"
+
     def read_draws(self, row: dict) -> dict:
         """A cell's draws record (its metrics on every random half and complement, in every feature space)."""
         if not row.get("draws"):
@@ -169,8 +178,10 @@ class SweepStore:
                              "(sweep.bootstrap = 0, or written by an older version): it cannot be paired")
         return json.loads((self.directory / row["draws"]).read_text())
 
-    def append(self, row: dict, grid_png: bytes, draws: dict | None = None) -> None:
-        """Record one finished cell: grid and draws first (atomically), then its CSV line, then sweep.json."""
+    def append(self, row: dict, grid_png: bytes, draws: dict | None = None,
+               samples: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Record one finished cell: grid, draws and samples first (atomically), then its CSV line, then sweep.json.
+        `samples`: (uint8 (N, H, W, C) images, labels), written as an ADM-style .npz (`arr_0`, `arr_1`)."""
         unknown = sorted(set(row) - set(COLUMNS))
         if unknown:  # a value the CSV would silently drop: a new metric or field must get its column
             raise ValueError(f"row keys {unknown} are not columns of sweep.csv (store.COLUMNS): add them there")
@@ -181,6 +192,9 @@ class SweepStore:
             row = {**row, "draws": self.draws_path(row)}
             (self.directory / "draws").mkdir(exist_ok=True)
             _atomic_write(self.directory / row["draws"], json.dumps(draws).encode())
+        if samples is not None:
+            row = {**row, "samples": self.samples_path(row)}
+            write_npz(self.directory / row["samples"], arr_0=samples[0], arr_1=samples[1])
         new_file = not self.csv_path.exists()
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
@@ -193,6 +207,16 @@ class SweepStore:
             os.fsync(f.fileno())
         self.rows.append(_parse(buffer.getvalue().splitlines(keepends=True)[-1]))
         self._dump_json()
+
+
+def read_rows(directory: str | Path) -> list[dict]:
+    """The rows of `directory/sweep.csv`, read only (nothing is locked, repaired or written: for a reader such as
+    `python -m experiments.evaluate`); malformed lines are skipped, another version's file reads as no rows."""
+    path = Path(directory) / "sweep.csv"
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    if not lines or lines[0].rstrip("\r\n").split(",") != COLUMNS:
+        return []
+    return [row for row in map(_parse, lines[1:]) if row is not None]
 
 
 def _parse(line: str) -> dict | None:

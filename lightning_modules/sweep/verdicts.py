@@ -179,6 +179,12 @@ def verdicts(rows: list[dict], read: Callable[[dict], dict]) -> dict:
     spaces = [main, *sorted(set(read(rows[0])["spaces"]) - {main})]
     per_space = {s: method_draws(rows, read, s) for s in spaces}
     methods = per_space[main]
+    for space in spaces[1:]:
+        # A ruler without a classifier head (DINOv2) measures no accuracy of its own: its matched strength is read
+        # off the main space's accuracy, which is of the same samples on the same halves.
+        for method, d in per_space[space].items():
+            if all(math.isnan(c.full) for c in d.pooled["accuracy"].values()):
+                d.pooled["accuracy"] = methods[method].pooled["accuracy"]
     best = {m: d.best() for m, d in methods.items()}
     ordered = sorted(methods, key=lambda m: float(best[m].held_out.mean()))
     references = list(dict.fromkeys([ordered[0], *(["cfg"] if "cfg" in methods else [])]))
