@@ -30,7 +30,8 @@ from .test_sweep_engine import HP, make_models
 
 N = 3  # samples per scale: labels 0, 1, 2
 SEED = 11
-GRIDS = {"cfgpp": [0.0, 0.5, 1.0], "cg_uncond": [0.0, 1.0, 3.0]}  # every other method: [0, 1, 2.5]
+# every other method: [0, 1, 2.5]
+GRIDS = {"cfgpp": [0.0, 0.5, 1.0], "cg_uncond": [0.0, 1.0, 3.0], "gft": [1.0, 1.5, 2.5]}
 # Guidance only at 599, 400, 200 of the six respaced steps 999, 799, 599, 400, 200, 0: the interval drops 999
 # and 799, the σ band (0.1, 2] drops 0 (σ ≈ 0.006), so steps with and without guidance alternate in one chain.
 BANDS = dict(interval=(0, 700), sigma_interval=(0.1, 2.0))
@@ -54,6 +55,14 @@ def models() -> SweepModels:
                        Network(clean, {**HP, "train_on": "clean"}, 3))
 
 
+def _net(models: SweepModels, method: str):
+    """The diffusion network; for gft one with GFT's β input (the same weights elsewhere, the β map random)."""
+    if method != "gft":
+        return models.diffusion.net
+    torch.manual_seed(7)
+    return make_models(guidance_training="gft").diffusion.net
+
+
 def _options(schedule: str, exact: bool) -> GuidanceOptions:
     return GuidanceOptions(**BANDS, scale_schedule=schedule, cfg_rescale=0.7, cfg_cg={"cg_scale": 0.5},
                            apg={"eta": 0.3, "momentum": -0.5, "threshold": 0.5},
@@ -64,7 +73,7 @@ def _draw(models: SweepModels, method: str, options: GuidanceOptions, sampling: 
           items: list[tuple[float, int]]) -> torch.Tensor:
     """One sampler call over (scale, sample index) items, as the sweep engine builds it."""
     index = torch.tensor([i for _, i in items])
-    den = GuidedDenoiser(models.diffusion.net, models.schedule, index % models.num_classes, models.num_classes,
+    den = GuidedDenoiser(_net(models, method), models.schedule, index % models.num_classes, models.num_classes,
                          method, [s for s, _ in items], grad_fn=models.grad_fn, prediction=models.prediction,
                          options=options, guide=models.guide.net, guide_prediction="eps",
                          log_prob_x0=models.clean_log_prob)
@@ -108,7 +117,7 @@ def test_one_step_of_a_row_does_not_depend_on_the_other_scales(models, method, s
     x = torch.randn(N, *models.shape, generator=torch.Generator().manual_seed(0))
 
     def step(scales: list[float], rows: torch.Tensor, t: int):
-        den = GuidedDenoiser(models.diffusion.net, models.schedule, rows % models.num_classes, models.num_classes,
+        den = GuidedDenoiser(_net(models, method), models.schedule, rows % models.num_classes, models.num_classes,
                              method, scales, grad_fn=models.grad_fn, options=options, guide=models.guide.net,
                              log_prob_x0=models.clean_log_prob)
         out = den.at(x[rows], t, keys=sample_keys(SEED, rows))

@@ -220,10 +220,13 @@ def test_every_method_runs_on_every_sampler(method, sampler):
 
     from .test_sweep_engine import make_models
 
-    models, guide = make_models(), make_models(seed=1).diffusion
+    # gft samples a network with GFT's β input (a model trained with guidance_training gft)
+    models = make_models(**({"guidance_training": "gft"} if method == "gft" else {}))
+    guide = make_models(seed=1).diffusion
     rule = make_rule(method)
     labels = torch.arange(4) % models.num_classes
-    scales = [0.0, 0.3, 0.7, 1.0] if method == "cfgpp" else [0.0, 1.0, 2.0, 3.0]
+    scales = [0.0, 0.3, 0.7, 1.0] if method == "cfgpp" else [1.0, 1.5, 2.0, 3.0] if method == "gft" \
+        else [0.0, 1.0, 2.0, 3.0]
     den = GuidedDenoiser(models.diffusion.net, models.schedule, labels, models.num_classes, rule, scales,
                          grad_fn=models.grad_fn, guide=guide.net, log_prob_x0=clean_log_prob(models.classifier.net))
     stats = {}

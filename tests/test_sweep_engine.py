@@ -53,14 +53,16 @@ class ToyExtractor:
         return f, f @ self.v
 
 
-def make_models(seed=0, step=10):
+def make_models(seed=0, step=10, **hparams):
+    """`hparams` override HP's, e.g. guidance_training="gft" for a network with GFT's β input."""
+    hp = {**HP, **hparams}
     torch.manual_seed(seed)
-    net = UNet.from_hparams(HP)
+    net = UNet.from_hparams(hp)
     for p in net.parameters():  # fresh UNets output zeros (zero-init heads): make them say something
         p.data.add_(0.05 * torch.randn_like(p))
     torch.manual_seed(100)
     clf = EncoderClassifier.from_hparams(HP)
-    return SweepModels(Network(net, dict(HP), step), Network(clf, dict(HP), 5))
+    return SweepModels(Network(net, hp, step), Network(clf, dict(HP), 5))
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,7 @@ class GuidedDenoiser:
                              "give a gradient function (a noisy classifier checkpoint, classifier_ckpt)")
         if guide is None and self.rule.uses_guide:
             raise ValueError(f"method {self.rule.name!r} needs a guide network (a weaker diffusion model: guide_ckpt)")
+        net = self.rule.network(net, self.scales_host, len(labels))  # GFT: the β = 1/s of each sample
         self.net, self.schedule, self.prediction, self.grad_fn = net, schedule, prediction, grad_fn
         self.guide, self.guide_prediction, self.log_prob_x0 = guide, guide_prediction, log_prob_x0
         perturbation = self.rule.perturbation(schedule)

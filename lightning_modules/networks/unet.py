@@ -4,6 +4,7 @@ Conditioning paths:
   * time embedding + class embedding (summed) drive every ResBlock through AdaGN;
   * optionally, SpatialCrossAttention to `label_tokens` learned tokens per class.
 Row `num_classes` of each class table is the null label (the unconditional branch of CFG).
+Optionally (`beta_conditioning`, off by default) a GFT guidance strength β enters beside the timestep.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class UNet(nn.Module):
                    channel_mult=tuple(hp["channel_mult"]), num_res_blocks=hp["num_res_blocks"],
                    attention_resolutions=tuple(hp["attention_resolutions"]),
                    cross_attention_resolutions=tuple(hp["cross_attention_resolutions"]), dropout=hp["dropout"],
-                   num_heads=hp["num_heads"], norm=hp["norm"])
+                   num_heads=hp["num_heads"], norm=hp["norm"],
+                   # Only guidance-free training feeds β; checkpoints from before the option build the same net.
+                   beta_conditioning=hp.get("guidance_training", "none") == "gft")
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class UNet(nn.Module):
         norm: str = "adagn",
         num_groups: int = 32,
         label_tokens: int = 4,
+        beta_conditioning: bool = False,
     ) -> None:
         super().__init__()
         levels = len(channel_mult)
@@ -93,6 +97,13 @@ class UNet(nn.Module):
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim)
+        # GFT (Chen et al. 2025; thu-ml/GFT DiT/models.py, beta_in="linear"): the sinusoidal features of 1000·β go
+        # through a bias-free linear map onto the timestep's sinusoidal features, before the time MLP. Zero-initialised
+        # so a label-dropout checkpoint fine-tuned with it starts as exactly that model. Absent when off: the state
+        # dict, and every output, are those of a network without the option.
+        self.beta_embed = nn.Linear(base_channels, base_channels, bias=False) if beta_conditioning else None
+        if self.beta_embed is not None:
+            nn.init.zeros_(self.beta_embed.weight)
         # The token table exists only when used: unused parameters break DDP's gradient reduction.
         self.use_cross_attention = bool(xattn_res & {image_size // 2**i for i in range(levels)})
         self.context_embed = (
@@ -147,19 +158,26 @@ class UNet(nn.Module):
             group_norm(ch, num_groups), nn.SiLU(), zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
         )
 
-    def embed(self, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(B,) timesteps and labels -> AdaGN embedding (B, emb_dim), context tokens (B, L, emb_dim)."""
-        emb = self.time_embed(timestep_embedding(t, self.time_embed[0].in_features)) + self.class_embed(y)
+    def embed(self, t: Tensor, y: Tensor, beta: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(B,) timesteps and labels (and GFT's β) -> AdaGN embedding (B, emb_dim), context tokens (B, L, emb_dim)."""
+        freqs = timestep_embedding(t, self.time_embed[0].in_features)
+        if self.beta_embed is not None:
+            beta = torch.ones_like(t, dtype=torch.float32) if beta is None else beta.float().expand(t.shape[0])
+            freqs = freqs + self.beta_embed(timestep_embedding(1000 * beta, self.beta_embed.in_features))
+        elif beta is not None:  # a β the network cannot read would be silently ignored
+            raise ValueError("beta given to a UNet built without beta_conditioning (not a GFT-trained network)")
+        emb = self.time_embed(freqs) + self.class_embed(y)
         context = None
         if self.context_embed is not None:
             context = rearrange(self.context_embed(y), "b (l c) -> b l c", l=self.label_tokens)
         return emb, context
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x (B, C, H, W); t (B,) or scalar timesteps in [0, T); y (B,) long in [0, num_classes]."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, beta: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W); t (B,) or scalar timesteps in [0, T); y (B,) long in [0, num_classes]; beta (B,) or
+        scalar GFT strength in [0, 1] (only with beta_conditioning; default 1 = the plain conditional model)."""
         if t.ndim == 0:  # shape-only branch (static under torch.compile): a sampler's shared step
             t = t.expand(x.shape[0])
-        emb, context = self.embed(t, y)
+        emb, context = self.embed(t, y, beta)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:

@@ -26,7 +26,16 @@ from lightning_modules.evaluation.sample_files import from_pixels, to_pixels
 from .config import SweepConfig
 from .evaluation import Evaluation
 from .models import SweepModels
-from .planning import Job, check_network, check_null_label, plan_jobs, selected, shared_cells, signatures
+from .planning import (
+    Job,
+    check_network,
+    check_null_label,
+    check_trained_guidance,
+    plan_jobs,
+    selected,
+    shared_cells,
+    signatures,
+)
 from .store import SweepStore, png_bytes
 
 
@@ -206,6 +215,7 @@ def run_sweep(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     # With the model's schedule: a guidance band that holds none of the sampling steps fails here, before any work.
     config.check(models.schedule.timesteps, models.schedule.kind)
     check_null_label(config, models)
+    check_trained_guidance(config, models)
     check_network(config, models)
     sigs = signatures(config, models, evaluation, autocast_dtype is not None)
     jobs = dist.broadcast(plan_jobs(config, store, sigs, share_plain=True) if dist.rank == 0 else None)

@@ -115,6 +115,21 @@ def network_problem(rule: GuidanceRule, grid: list[float], schedule: NoiseSchedu
     return None
 
 
+TRAINED_IN = {"mg": "mg", "gft": "gft"}  # a method whose guidance is trained in -> the objective it needs
+
+
+def check_trained_guidance(config: SweepConfig, models: SweepModels) -> None:
+    """OptionError for `mg` / `gft` on a diffusion model not trained with that objective (it would sample the
+    plain conditional model under their names)."""
+    trained = models.diffusion.hparams.get("guidance_training", "none")
+    for method in config.methods:
+        if method in TRAINED_IN and trained != TRAINED_IN[method]:
+            raise OptionError("sweep.methods", f"{method} samples a model trained with guidance_training "
+                              f"{TRAINED_IN[method]}, but the diffusion model was trained with {trained}",
+                              f"train one with --model.init_args.guidance_training {TRAINED_IN[method]} (or fine-tune: "
+                              "--model.init_args.init_from CKPT), or drop it from sweep.methods")
+
+
 def check_network(config: SweepConfig, models: SweepModels) -> None:
     """OptionError naming the first swept method the diffusion network cannot run (`network_problem`), with the
     methods it can run at their default scales."""

@@ -30,13 +30,15 @@ from .linear import (
     NoGuidance,
 )
 from .perturbed import PerturbedAttention, SmoothedEnergy, TimeStepGuidance
+from .trained import GuidanceFree, ModelGuided
 from .zero_star import ClassifierFreeZeroStar
 
 RULES: dict[str, type[GuidanceRule]] = {
     r.name: r for r in (NoGuidance, ClassifierFree, ClassifierOnConditional, ClassifierOnUnconditional,
                         ClassifierFreePlusClassifier, AdaptiveProjected, ClassifierFreePlusPlus, Autoguidance,
                         CleanClassifierGuidance, IndependentCondition, TimeStepGuidance, PerturbedAttention,
-                        SmoothedEnergy, DegradedAutoguidance, ClassifierFreeZeroStar, FeedbackGuidance)}
+                        SmoothedEnergy, DegradedAutoguidance, ClassifierFreeZeroStar, FeedbackGuidance, ModelGuided,
+                        GuidanceFree)}
 METHODS = tuple(RULES)
 _GROUPS = {r.options_key(): r for r in RULES.values() if r.Options is not None}
 _DEPRECATED = {old: (r.options_key(), new) for r in RULES.values() for old, new in r.deprecated.items()}

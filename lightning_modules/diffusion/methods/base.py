@@ -101,6 +101,11 @@ class GuidanceRule:
         """(which classifier a gradient pass runs: classifier | clean, extra main-network evaluations per pass)."""
         return ("clean" if self.gradient_at == "x0" else "classifier"), 0.0
 
+    def network(self, net, scales: Sequence[float], n: int):
+        """The network the denoiser evaluates for n samples at these per-sample scales: `net` itself, or (a rule whose
+        scale is a network input, GFT's β) a wrapper that feeds it."""
+        return net
+
     def perturbation(self, schedule: NoiseSchedule):
         """The perturbation (`networks.perturbations`) its "perturbed" branch runs the main network under, for a
         model with this schedule; None: it has no such branch."""
