@@ -18,7 +18,7 @@ from .guidance import BRANCHES, GradFn, Guided, LogProbFn, Predictions, StepMode
 from .methods import GuidanceRule, make_rule
 from .noise import keyed_integers
 from .options import SharedGuidance
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, posterior_coefficients
 
 Network = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t, t, y) -> model output (ε or v)
 CLEAN = ("cond", "uncond", "random")  # one batched forward of the main network, in this order
@@ -134,11 +134,8 @@ class GuidedDenoiser:
         two-step chain t → next_t → data end (or the chain ending in this step, for a step into the data end)."""
         s = t - 1 if next_t is None else next_t
         self.prepare([(t, s), (s, -1)] if s >= 0 else [(t + 1, t), (t, s)])
-        ab_t, ab_s = self.schedule.alpha_bar(t), self.schedule.alpha_bar(s)
-        beta = 1 - ab_t / ab_s
-        posterior = tuple(torch.tensor(v, device=x.device) for v in (
-            math.sqrt(ab_s) * beta / (1 - ab_t), math.sqrt(ab_t / ab_s) * (1 - ab_s) / (1 - ab_t),
-            beta * (1 - ab_s) / (1 - ab_t)))
+        coefficients = posterior_coefficients(self.schedule.alpha_bar(t), self.schedule.alpha_bar(s))
+        posterior = tuple(torch.tensor(v, device=x.device) for v in coefficients)
         t_batch = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         return self(x, t_batch, torch.tensor(self.weight(t), device=x.device), self.mode(t), keys=keys,
                     posterior=posterior)

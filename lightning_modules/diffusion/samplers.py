@@ -32,7 +32,7 @@ from .denoiser import GuidedDenoiser
 from .guidance import StepMode, condition_mean, condition_score
 from .noise import keyed_normal
 from .options import COMPILE_MODES, SAMPLERS, SamplerOptions
-from .schedule import respaced_timesteps
+from .schedule import posterior_coefficients, respaced_timesteps
 
 # x_t, the previous step's x̂0 (DPM-Solver++), the rule's memory (APG momentum, FBG's posterior, ...),
 # thresholded steps (B,)
@@ -47,20 +47,13 @@ RECOMPILE_LIMIT = 64
 COMMON = ("t", "w", "stream", "step", "a_t", "b_t", "post_x0", "post_xt", "post_var")
 
 
-def _posterior(ab_t: float, ab_s: float) -> list[float]:
-    """(x̂0 weight, x_t weight, variance) of q(x_s | x_t, x̂0) for the respaced transition t → s."""
-    alpha_ts, beta_ts = ab_t / ab_s, 1 - ab_t / ab_s
-    return [math.sqrt(ab_s) * beta_ts / (1 - ab_t), math.sqrt(alpha_ts) * (1 - ab_s) / (1 - ab_t),
-            beta_ts * (1 - ab_s) / (1 - ab_t)]
-
-
 def _ddim_row(ab_t: float, ab_s: float, ab_prev: float | None, i: int, n: int, options: SamplerOptions) -> list[float]:
     sigma = options.eta * math.sqrt(max((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s), 0.0))
     return [math.sqrt(ab_s), math.sqrt(max(1 - ab_s - sigma**2, 0.0)), sigma]
 
 
 def _ddpm_row(ab_t: float, ab_s: float, ab_prev: float | None, i: int, n: int, options: SamplerOptions) -> list[float]:
-    c_x0, c_xt, var = _posterior(ab_t, ab_s)
+    c_x0, c_xt, var = posterior_coefficients(ab_t, ab_s)
     # At the last step the posterior variance is 0; like guided-diffusion's clipped log-variance,
     # the mean-form classifier term falls back to β there so guidance still acts.
     return [c_x0, c_xt, math.sqrt(var), 1 - ab_t / ab_s if i == n - 1 else var]  # var = 0 at the last step
@@ -97,8 +90,8 @@ def step_table(den: GuidedDenoiser, pairs: list[tuple[int, int]], sampler: Sampl
         ab_t, ab_s = den.schedule.alpha_bar(t), den.schedule.alpha_bar(s)
         ab_prev = den.schedule.alpha_bar(pairs[i - 1][0]) if i > 0 else None
         own = sampler.row(ab_t, ab_s, ab_prev, i, len(pairs), options)
-        rows.append([t, den.weight(t), i + 1, i, math.sqrt(ab_t), math.sqrt(1 - ab_t), *_posterior(ab_t, ab_s),
-                     *own])
+        rows.append([t, den.weight(t), i + 1, i, math.sqrt(ab_t), math.sqrt(1 - ab_t),
+                     *posterior_coefficients(ab_t, ab_s), *own])
     return torch.tensor(rows, dtype=torch.float64).to(device, torch.float32)
 
 

@@ -110,6 +110,14 @@ class NoiseSchedule:
         raise ValueError(f"unknown prediction target {kind!r}; choose one of {TARGETS}")
 
 
+def posterior_coefficients(ab_t: float, ab_s: float) -> list[float]:
+    """(x̂0 weight, x_t weight, variance) of the DDPM posterior q(x_s | x_t, x̂0) for a (respaced) transition t → s
+    between cumulative products ᾱ_t < ᾱ_s (ᾱ_s = 1 at the data end: variance 0)."""
+    alpha_ts, beta_ts = ab_t / ab_s, 1 - ab_t / ab_s
+    return [math.sqrt(ab_s) * beta_ts / (1 - ab_t), math.sqrt(alpha_ts) * (1 - ab_s) / (1 - ab_t),
+            beta_ts * (1 - ab_s) / (1 - ab_t)]
+
+
 def respaced_timesteps(timesteps: int, steps: int) -> list[int]:
     """`steps` original training indices, evenly spaced, descending, always starting at T-1.
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..guidance import Guided, Predictions, StepMode
 from ..options import OptionError, check_finite
-from ..schedule import NoiseSchedule, respaced_timesteps
+from ..schedule import NoiseSchedule, posterior_coefficients, respaced_timesteps
 from .base import GuidanceRule
 
 
@@ -96,10 +96,6 @@ class FeedbackConstants:
     l_max: float
 
 
-def _ddpm_posterior_var(ab_t: float, ab_s: float) -> float:
-    return (1.0 - ab_t / ab_s) * (1.0 - ab_s) / (1.0 - ab_t)
-
-
 def fbg_constants(settings: FeedbackSettings, ab_pairs: Sequence[tuple[float, float]]) -> FeedbackConstants:
     """δ, τ, L_min, L_max for a sampling run whose steps go from ᾱ_t to ᾱ_s, in order (ᾱ_s = 1 at the data end)."""
     settings.check()
@@ -114,7 +110,7 @@ def fbg_constants(settings: FeedbackSettings, ab_pairs: Sequence[tuple[float, fl
     tau = settings.tau
     if tau is None:
         # VE variances (σ̃²/ᾱ_s), indexed from the data end as the reference does: k = 0 is the last step.
-        var_ve = [_ddpm_posterior_var(ab_t, ab_s) / ab_s for ab_t, ab_s in reversed(ab_pairs)]
+        var_ve = [posterior_coefficients(ab_t, ab_s)[2] / ab_s for ab_t, ab_s in reversed(ab_pairs)]
         pos = settings.t1 * n
         k = min(math.floor(pos), n - 2)  # the reference would index past the end for t1·N >= N − 1
         frac = pos - k
