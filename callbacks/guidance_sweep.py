@@ -28,7 +28,7 @@ from lightning_modules.sweep import (
     format_table,
     resolve_extractor,
 )
-from lightning_modules.sweep.loading import load_guide, load_helper_networks
+from lightning_modules.sweep.loading import load_guide, load_helper_networks, load_trained_networks
 from lightning_modules.sweep.orchestration import protocol_of, sweep_and_report
 
 from .artifacts import wandb_run as fit_wandb_run
@@ -61,6 +61,7 @@ class GuidanceSweep(Callback):
         self.classifier: Network | None = None
         self.guide: Network | None = None
         self.clean_classifier: Network | None = None
+        self.trained: dict[str, Network] = {}
         self.evaluation: Evaluation | None = None
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -76,6 +77,7 @@ class GuidanceSweep(Callback):
         # A guide snapshot:1/16 the running fit writes later (at 1/16 of max_steps) is loaded at sweep time.
         self.classifier, self.guide, self.clean_classifier = load_helper_networks(
             config, dict(pl_module.hparams), self._guide_base(trainer), allow_missing_snapshot=True)
+        self.trained = load_trained_networks(config, dict(pl_module.hparams))
         if trainer.is_global_zero:
             check_writable(self._output_dir(trainer))
 
@@ -132,8 +134,9 @@ class GuidanceSweep(Callback):
             evaluation = self._prepare_evaluation(trainer, device)
             if self.config.needs_guide and self.guide is None:  # a snapshot the fit made after setup
                 self.guide = load_guide(self.config, dict(module.hparams), self._guide_base(trainer))
-            models = SweepModels(Network(module.ema_net, dict(module.hparams), module.trained_steps), self.classifier,
-                                 self.guide, self.clean_classifier).to(device)
+            network = Network(module.ema_net, dict(module.hparams), module.trained_steps,
+                              training_cost=module.training_cost())
+            models = SweepModels(network, self.classifier, self.guide, self.clean_classifier, self.trained).to(device)
             out_dir = Path(trainer.strategy.broadcast(str(self._output_dir(trainer))))  # rank 0's run dir
             wandb_run = fit_wandb_run(trainer)
             if wandb_run is not None:

@@ -5,9 +5,12 @@ digits, end to end, on a CPU.
     python -m experiments.compare --seeds 0 1 2   # error bars over sampling seeds
     python -m experiments.compare --sweep_recipe configs/experiments/digits_sweep_frontier.yaml   # every method
     python -m experiments.compare --p_uncond 0 --sweep_recipe configs/experiments/digits_sweep_no_dropout.yaml
+    python -m experiments.compare --sweep_recipe configs/experiments/digits_sweep_trained.yaml   # + MG, GFT
 
 Stages: noisy classifier → clean classifier → CFG diffusion model (keeping its own guide snapshots) →
-guidance sweep (evaluator trained/cached on the way). Each stage lives in a directory keyed by a hash of its
+guidance sweep (evaluator trained/cached on the way). A recipe sweeping a trained-in method adds its model's
+stage: MG trained from scratch like the CFG model (same network and steps), GFT fine-tuned from the CFG model
+(`--gft_steps`); the sweep samples them through `sweep.trained_ckpts`. Each stage lives in a directory keyed by a hash of its
 settings: a finished stage is reused, an interrupted fit resumes from its last.ckpt, a half-written sweep
 skips finished cells.
 On W&B the stages' runs are named after their directories (`classifier-<hash>`, ...), have the job
@@ -126,6 +129,33 @@ def finish_wandb(trainer: Trainer | None = None) -> None:
         wandb.finish()
 
 
+def trained_stages(root: Path, diff_args: list[str], diffusion: Path, args: argparse.Namespace,
+                   group: str) -> dict[str, Path]:
+    """The models of the trained-in methods the sweep recipe lists (and does not bring): `mg` from scratch with the
+    CFG model's settings and steps, `gft` fine-tuned from the CFG model's checkpoint for `--gft_steps`."""
+    import yaml
+
+    sweep = (yaml.safe_load(Path(args.sweep_recipe).read_text()) or {}).get("sweep", {})
+    given, out = sweep.get("trained_ckpts") or {}, {}
+    if "mg" in sweep.get("methods", []) and "mg" not in given:
+        out["mg"] = fit_stage(root, "mg_diffusion", [*diff_args, "--model.init_args.guidance_training", "mg"], group)
+    if "gft" in sweep.get("methods", []) and "gft" not in given:
+        steps = args.gft_steps or diffusion_steps(diff_args) // 4
+        out["gft"] = fit_stage(root, "gft_diffusion", [*diff_args, "--model.init_args.guidance_training", "gft",
+                                                       "--model.init_args.init_from", str(diffusion),
+                                                       "--trainer.max_steps", str(steps)], group)
+    return out
+
+
+def diffusion_steps(diff_args: list[str]) -> int:
+    """The CFG model's max_steps: the last --trainer.max_steps override, else its recipe's."""
+    import yaml
+
+    if "--trainer.max_steps" in diff_args:
+        return int(diff_args[len(diff_args) - 1 - diff_args[::-1].index("--trainer.max_steps") + 1])
+    return int(yaml.safe_load((CONFIGS / "digits_diffusion.yaml").read_text())["trainer"]["max_steps"])
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/compare", help="root directory of all stages")
@@ -141,6 +171,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep_recipe", default=str(CONFIGS / "digits_sweep.yaml"),
                    help="the sweep's YAML (methods, scale grids, sampler); "
                         "configs/experiments/digits_sweep_frontier.yaml runs every method")
+    p.add_argument("--gft_steps", type=int, default=None,
+                   help="steps of the GFT fine-tune from the CFG model (recipes sweeping gft; default: a quarter of "
+                        "the CFG model's)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further LightningCLI overrides for the sweep stage, e.g. --sweep.sampling.eta=1.0")
     return p.parse_args(argv)
@@ -166,8 +199,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     clean = fit_stage(root, "clean_classifier", clean_args, group)
     diffusion = fit_stage(root, "diffusion", diff_args, group)
 
+    trained = trained_stages(root, diff_args, diffusion, args, group)
     base = [*diff_args, "--config", args.sweep_recipe, "--sweep.classifier_ckpt", str(classifier),
             "--sweep.clean_classifier_ckpt", str(clean)]
+    if trained:
+        base += ["--sweep.trained_ckpts", json.dumps({m: str(path) for m, path in trained.items()})]
     for option, value in (("--sweep.num_samples", args.num_samples), ("--sweep.sampling.steps", args.steps),
                           ("--sweep.seeds", args.seeds)):
         if value is not None:  # otherwise the recipe's
@@ -206,6 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"classifier checkpoint: {classifier}")
     print(f"clean classifier:      {clean}")
     print(f"diffusion checkpoint:  {diffusion}")
+    for method, path in trained.items():
+        print(f"{method} model:{' ' * (15 - len(method))}{path}")
     if os.environ.get("WANDB_MODE") != "disabled":
         print(f"W&B run ({os.environ.get('WANDB_MODE')}): {wandb_dir}  (group {group}; upload: wandb sync {wandb_dir})")
     print("\n".join(done.outcome.path_lines()))

@@ -39,9 +39,9 @@ from lightning_modules.sweep import (
     summary,
 )
 from lightning_modules.sweep.diffusers_models import is_diffusers_dir
-from lightning_modules.sweep.loading import load_helper_networks, read_checkpoint
+from lightning_modules.sweep.loading import load_helper_networks, load_trained_networks, read_checkpoint
 from lightning_modules.sweep.orchestration import SweepOutcome, protocol_of, sweep_and_report
-from lightning_modules.sweep.planning import check_network, check_null_label
+from lightning_modules.sweep.planning import check_network, check_null_label, check_trained_guidance
 from lightning_modules.sweep.verdicts import verdict_text
 
 
@@ -119,8 +119,10 @@ def sweep(argv: list[str] | None = None) -> SweepRun:
     home = Path(args.diffusion).resolve() if diffusers else Path(args.diffusion).resolve().parent.parent
     out_dir = check_writable(config.output_dir or home / "sweep")  # next to checkpoints/, or in the model's dir
     classifier, guide, clean = load_helper_networks(config, diffusion.hparams, args.diffusion, device)
-    models = SweepModels(diffusion, classifier, guide, clean).to(device)
+    trained = load_trained_networks(config, diffusion.hparams, device)
+    models = SweepModels(diffusion, classifier, guide, clean, trained).to(device)
     check_null_label(config, models)  # (the engine checks these too; here before the evaluator and references)
+    check_trained_guidance(config, models)
     check_network(config, models)
     evaluation = build_evaluation(config.extractor, data, config.cache_dir, config.inception_weights,
                                   config.reference_split, device, config.extra_extractors, config.dinov2_dir,

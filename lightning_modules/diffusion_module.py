@@ -108,6 +108,8 @@ class ConditionalDiffusion(L.LightningModule):
         self._flops_per_batch: float | None = None
         self._batch_size = 0
         self._seconds_before, self._fit_started = 0.0, None
+        self._init_cost: dict | None = None  # the training_cost of the init_from checkpoint (a fine-tune's start)
+        self._loaded_cost: dict | None = None  # the training_cost of the checkpoint this module was loaded from
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return self.net(x, t, y)
@@ -151,14 +153,18 @@ class ConditionalDiffusion(L.LightningModule):
         self._fit_started = time.perf_counter()
 
     def training_cost(self) -> dict:
-        """FLOPs per optimiser step (all ranks and accumulated batches), per sample, steps and wall seconds."""
+        """FLOPs per optimiser step (all ranks and accumulated batches), per sample, steps, wall seconds and the
+        `init` checkpoint's own training_cost (None from scratch): `guidance_training.cost_totals` sums them."""
+        if self._flops_per_batch is None and self._loaded_cost is not None:
+            return self._loaded_cost  # nothing trained in this process yet (validate, test): the checkpoint's own
         trainer = self._trainer
         accumulate, world = (trainer.accumulate_grad_batches, trainer.world_size) if trainer is not None else (1, 1)
         per_batch = self._flops_per_batch or 0.0
         running = 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
         return {"objective": self.hparams.guidance_training, "flops_per_step": per_batch * world * accumulate,
                 "flops_per_sample": per_batch / max(1, self._batch_size), "batch_size": self._batch_size * world
-                * accumulate, "steps": int(self.global_step), "seconds": self._seconds_before + running}
+                * accumulate, "steps": int(self.global_step), "seconds": self._seconds_before + running,
+                "init": self._init_cost}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["training_cost"] = self.training_cost()
@@ -186,7 +192,9 @@ class ConditionalDiffusion(L.LightningModule):
         # In `validate`/`test` the module's global_step stays 0: remember the checkpoint's own step.
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
         # A resumed fit adds its wall time to the runs before it (its FLOPs are counted again on its first batch).
-        self._seconds_before = float((checkpoint.get("training_cost") or {}).get("seconds", 0.0))
+        cost = checkpoint.get("training_cost") or {}
+        self._loaded_cost = cost or None
+        self._seconds_before, self._init_cost = float(cost.get("seconds", 0.0)), cost.get("init")
 
     @property
     def trained_steps(self) -> int:
@@ -264,3 +272,6 @@ def load_initial_weights(module: ConditionalDiffusion, path: str) -> None:
                           f"unexpected {list(unexpected)[:3]}; a GFT checkpoint fine-tunes only as gft)",
                           "pass a checkpoint of the same architecture")
     module.ema_net.load_state_dict(module.net.state_dict())
+    # Its cost is the fine-tune's too: a fine-tuned model is charged for the fit it started from.
+    module._init_cost = ckpt.get("training_cost") or {"objective": hp.get("guidance_training", "none"),
+                                                       "unrecorded": True}

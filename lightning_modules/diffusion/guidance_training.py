@@ -128,6 +128,27 @@ def guidance_free_loss(net: nn.Module, schedule: NoiseSchedule, x0: Tensor, y: T
     return F.mse_loss(mixed, schedule.training_target(target, x0, noise, t).float())
 
 
+def cost_totals(cost: dict | None) -> dict[str, float]:
+    """A model's whole training cost from its checkpoint's `training_cost`: its own steps × FLOPs per step and wall
+    seconds, plus those of the checkpoint it was fine-tuned from (`init`, recursively), so a fine-tune is charged for
+    its start. NaN where nothing was recorded (a diffusers model, a checkpoint from before costs were recorded)."""
+    if not cost or cost.get("unrecorded"):
+        return {"flops": math.nan, "seconds": math.nan, "steps": math.nan}
+    start = cost_totals(cost["init"]) if cost.get("init") else {"flops": 0.0, "seconds": 0.0, "steps": 0}
+    steps = int(cost.get("steps", 0))
+    return {"flops": float(cost.get("flops_per_step", 0.0)) * steps + start["flops"],
+            "seconds": float(cost.get("seconds", 0.0)) + start["seconds"], "steps": steps + start["steps"]}
+
+
+def objective_text(hparams: dict) -> str:
+    """What a diffusion model was trained with, in one short line for rows and reports: `none` (label dropout),
+    `mg w=0.45 t<0.75`, `gft β∈[0, 1]`; `+ init` when it was fine-tuned from another checkpoint."""
+    objective = hparams.get("guidance_training", "none")
+    text = {"mg": f"mg w={hparams.get('mg_scale', 0.45):g} t<{hparams.get('mg_high', 1.0):g}",
+            "gft": "gft β∈[{:g}, {:g}]".format(*hparams.get("gft_beta_range", (0.0, 1.0)))}.get(objective, objective)
+    return text + (" + init" if hparams.get("init_from") else "")
+
+
 def step_flops(loss: Callable[[], Tensor]) -> float:
     """FLOPs of one training step: the loss's forwards (the no-grad guiding ones included) and its backward, counted
     by torch.utils.flop_counter as the sweep counts sampling cost (matmuls, convolutions, attention)."""

@@ -50,6 +50,10 @@ class SweepConfig:
             1/4) for the guide snapshots the diffusion fit keeps next to its checkpoint.
         clean_classifier_ckpt: a classifier trained on clean images (NoisyClassifier with train_on=clean) for
             cg_clean; never the evaluator that scores the samples.
+        trained_ckpts: the diffusion model each trained-in method samples, e.g. {mg: MG.ckpt, gft: GFT.ckpt}
+            (trained with --model.init_args.guidance_training mg / gft), so they are swept beside the sweep's own
+            model on the same noise; a trained-in method not named here samples the sweep's diffusion model,
+            which must then have been trained with its objective.
         extractor: feature network for FID & co: auto (evaluator for digits/MNIST/Fashion-MNIST, Inception
             otherwise), evaluator (trained on the clean data, offline), inception (needs its weights file), dinov2
             (FD_DINOv2: a pretrained DINOv2's CLS features from `dinov2_dir`; no logits, so no score or accuracy).
@@ -92,6 +96,7 @@ class SweepConfig:
     classifier_ckpt: str | None = None
     guide_ckpt: str | None = None
     clean_classifier_ckpt: str | None = None
+    trained_ckpts: dict[str, str] | None = None
     extractor: Literal["auto", "evaluator", "inception", "dinov2"] = "auto"
     extra_extractors: list[str] = field(default_factory=list)
     inception_weights: str | None = None
@@ -193,6 +198,12 @@ class SweepConfig:
             ts = respaced_timesteps(timesteps, self.sampling.steps)
             for rule in self.rules().values():
                 rule.prepare(NoiseSchedule(schedule, timesteps), list(zip(ts, ts[1:] + [-1])))
+        trained_in = [m for m, rule in RULES.items() if rule.trained_with]
+        stray = sorted(set(self.trained_ckpts or {}) - (set(trained_in) & set(self.methods)))
+        if stray:
+            raise OptionError(f"{P}trained_ckpts", f"keys {stray} are not trained-in methods among the swept ones "
+                              f"{self.methods}", f"name only swept methods of {trained_in}, each with its "
+                              "model's checkpoint")
         if self.needs_guide and not self.guide_ckpt:
             raise OptionError(f"{P}guide_ckpt", "autoguidance needs a guide network",
                               "pass --sweep.guide_ckpt=snapshot:1/16 (a snapshot the diffusion fit kept) or a path "

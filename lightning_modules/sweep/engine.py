@@ -105,12 +105,13 @@ def generate_images(models: SweepModels, config: SweepConfig, job: Job, items: T
     n, device = config.num_samples, models.device
     rule = make_rule(job.method, config.guidance)
     s = config.sampling
+    network = models.network_for(job.method)  # a trained-in method's own model (mg, gft), else the sweep's
     for chunk in items.split(config.batch_size):
         sample_idx, scale_idx = chunk % n, chunk // n
         guide = models.guide
-        den = GuidedDenoiser(models.diffusion.net, models.schedule, (sample_idx % models.num_classes).to(device),
+        den = GuidedDenoiser(network.net, models.schedule, (sample_idx % models.num_classes).to(device),
                              models.num_classes, rule, [job.scales[j] for j in scale_idx.tolist()],
-                             grad_fn=models.grad_fn, prediction=models.prediction,
+                             grad_fn=models.grad_fn, prediction=network.hparams["prediction"],
                              guide=guide.net if guide else None,
                              guide_prediction=guide.hparams["prediction"] if guide else "eps",
                              log_prob_x0=models.clean_log_prob)
@@ -184,10 +185,10 @@ def run_job(models: SweepModels, config: SweepConfig, evaluation: Evaluation, jo
                      "eta": config.sampling.eta, "nfe_per_sample": nfe, "classifier_grads_per_sample": passes,
                      "guide_evals_per_sample": guides,
                      "unet_equivalents_per_sample": models.unet_equivalents(nfe, passes, guides,
-                                                                            *rule.gradient_cost()),
+                                                                            *rule.gradient_cost(), job.method),
                      "guidance_trace": json.dumps(trace) if trace else "",
                      "thresholded_fraction": float(thresholded[part].mean()) / config.sampling.steps,
-                     **scored[0][0], **models.identity(),
+                     **scored[0][0], **models.identity(job.method),
                      "extractor": evaluation.extractor_id, "signature": sig})
     _sync(device)
     metrics_seconds = feature_seconds + time.perf_counter() - t0

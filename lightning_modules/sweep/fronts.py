@@ -178,9 +178,10 @@ def front_figures(rows: list[dict], directory: Path, title: str) -> list[Path]:
 
 
 def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
-    """best_fid_vs_cost.png: each method's best FID (± std) against its network passes and wall seconds."""
+    """best_fid_vs_cost.png: each method's best FID (± std) against its network passes and wall seconds per sample,
+    and (where the rows record it) against the training FLOPs of the diffusion model it sampled."""
     best = summary(rows)
-    fig, axes = new_figure((11, 4.8), ncols=2)
+    trained = [b for b in best if finite(b["training_flops"])]
     reference = [r["fid"] for r in rows if (r["method"], r["scale"]) in (("cfg", 1.0), ("cg_cond", 0.0))]
     weighted = all(finite(b["unet_equivalents_per_sample"]) for b in best)  # rows that carry FLOP-weighted cost
     panels = (("passes", "cost per sample in diffusion-network evaluations (classifier / guide passes weighted by "
@@ -189,6 +190,10 @@ def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
                                                      math.nan)),
               ("seconds", "wall seconds per sample (as recorded for the cell)",
                lambda b: (b["seconds_per_sample"], b["seconds_per_sample_std"])))
+    if len(trained) == len(best):  # guidance trained in (MG, GFT) pays here instead
+        panels += (("training", "training PFLOPs of the diffusion model it samples (a fine-tune's start included)",
+                    lambda b: (b["training_flops"] / 1e15, math.nan)),)
+    fig, axes = new_figure((5.5 * len(panels), 4.8), ncols=len(panels))
     labels: list[list[tuple[float, float, str, str, bool]]] = []
     for ax, (what, xlabel, cost) in zip(axes, panels):
         items = []
@@ -199,7 +204,7 @@ def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
                 b["fid_std"]) else 0], color=colour, marker=marker, markersize=8, capsize=3, lw=0, elinewidth=1.2,
                 label=label_of(b["method"]))
             detail = (passes_text(b) + (f"\n≈ {x:.3g} model evaluations" if weighted else "")
-                      if what == "passes" else f"{x:.3g} s")
+                      if what == "passes" else f"{x:.3g} s" if what == "seconds" else f"{x:.3g} PFLOP")
             items.append((x, b["fid"], f"{label_of(b['method'])}, s = {b['best_scale']:g}\n{detail}", colour, False))
         if reference:  # named in the legend: a text on the line would collide with the methods' labels
             ax.axhline(sum(reference) / len(reference), color="0.4", ls=":", lw=1,
@@ -213,7 +218,9 @@ def cost_figure(rows: list[dict], directory: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         labels.append(items)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"Best FID per method against its cost per sample (mean ± 1 std over seeds)\n{title}", fontsize=10)
+    also = " and its model's training cost" if len(panels) == 3 else ""
+    fig.suptitle(f"Best FID per method against its cost per sample{also} (mean ± 1 std over seeds)\n{title}",
+                 fontsize=10)
     for ax, items in zip(axes, labels):
         place_labels(fig, ax, items, [(x, y) for x, y, *_ in items], fontsize=7.5)
     return save(fig, directory / "best_fid_vs_cost.png")

@@ -90,7 +90,25 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu", option:
                           "ConditionalDiffusion", "pass the diffusion model's checkpoint")
     net = UNet.from_hparams(hp)
     _load(net, _submodule(ckpt["state_dict"], "ema_net."), path, option)
-    return Network(net.to(device), hp, int(ckpt.get("global_step", 0)))
+    return Network(net.to(device), hp, int(ckpt.get("global_step", 0)), training_cost=ckpt.get("training_cost"))
+
+
+def load_trained_networks(config: SweepConfig, diffusion_hparams: dict, device: torch.device | str = "cpu"
+                          ) -> dict[str, Network]:
+    """The diffusion model of each trained-in method `sweep.trained_ckpts` names (mg, gft), checked against the
+    sweep's diffusion model (classes, image shape, schedule) and against the method (trained with its objective),
+    before any sampling."""
+    out = {}
+    for method, path in (config.trained_ckpts or {}).items():
+        option = f"sweep.trained_ckpts.{method}"
+        network = load_diffusion(path, device, option=option, num_classes=diffusion_hparams.get("num_classes"))
+        check_compatible(diffusion_hparams, network.hparams, str(path), f"{method} model", option)
+        trained = network.hparams.get("guidance_training", "none")
+        if trained != method:
+            raise OptionError(option, f"{path} was trained with guidance_training {trained}, not {method}",
+                              f"pass a model trained with --model.init_args.guidance_training {method}")
+        out[method] = network
+    return out
 
 
 def resolve_guide(guide: str, diffusion_ckpt: str | Path) -> Path:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_modules.diffusion import NoiseSchedule, OptionError, classifier_grad, clean_log_prob
 from lightning_modules.diffusion.guidance import GradFn, LogProbFn
+from lightning_modules.diffusion.guidance_training import cost_totals, objective_text
 
 COMPAT_KEYS = ("num_classes", "image_size", "channels", "schedule", "timesteps")
 
@@ -38,6 +39,7 @@ class Network:
     hparams: dict
     step: int
     sha: str = ""
+    training_cost: dict | None = None  # the checkpoint's `training_cost` (None: not recorded, e.g. diffusers)
 
     def __post_init__(self) -> None:
         self.net.eval().requires_grad_(False)
@@ -52,6 +54,8 @@ class SweepModels:
     classifier: Network | None = None
     guide: Network | None = None  # a weaker diffusion model of the same data (autoguidance)
     clean_classifier: Network | None = None  # trained on clean images, applied to x̂0 (cg_clean)
+    # Per trained-in method (mg, gft; `sweep.trained_ckpts`): the diffusion model its cells sample instead.
+    trained: dict[str, Network] = field(default_factory=dict)
     schedule: NoiseSchedule = field(init=False)
     grad_fn: GradFn | None = field(init=False, default=None)
 
@@ -72,6 +76,8 @@ class SweepModels:
                                   "--sweep.guide_ckpt=snapshot:1/16, or a smaller model's checkpoint")
         if self.clean_classifier is not None:
             check_clean(hp, self.clean_classifier.hparams)
+        for method, network in self.trained.items():
+            check_compatible(hp, network.hparams, what=f"{method} model", option=f"sweep.trained_ckpts.{method}")
         self._flops: dict[str, float] | None = None
         # The clean classifier's log p(y | x̂0, τ): one function per sweep, so a compiled step is traced once.
         self.clean_log_prob: LogProbFn | None = None if self.clean_classifier is None \
@@ -91,17 +97,25 @@ class SweepModels:
                 counts["classifier"] = _count(lambda: _input_gradient(self.classifier.net, x, t)) / 2
             if self.clean_classifier is not None:
                 counts["clean"] = _count(lambda: _input_gradient(self.clean_classifier.net, x, t * 0)) / 2
+            for method, network in self.trained.items():
+                counts[f"trained:{method}"] = _count(lambda net=network.net: net(x, t, y)) / 2
             self._flops = counts
         return self._flops
 
     def unet_equivalents(self, nfe: float, classifier_passes: float, guide_evals: float,
-                         classifier: str = "classifier", extra_per_pass: float = 0.0) -> float:
+                         classifier: str = "classifier", extra_per_pass: float = 0.0, method: str = "") -> float:
         """A cell's cost per sample in main-network evaluations, the other passes converted by their FLOPs
         (`classifier`: whose passes they are, classifier or clean; `extra_per_pass`: main-network evaluations
-        each pass also costs, as the rule's `gradient_cost` says: ≈ 3 for a gradient through the network)."""
+        each pass also costs, as the rule's `gradient_cost` says: ≈ 3 for a gradient through the network;
+        `method`: a trained-in method's evaluations are of its own network, converted too)."""
         f = self.flops()
         per_pass = f.get(classifier, 0.0) / f["diffusion"] + extra_per_pass
-        return nfe + classifier_passes * per_pass + guide_evals * f.get("guide", 0.0) / f["diffusion"]
+        own = f.get(f"trained:{method}", f["diffusion"]) / f["diffusion"]
+        return nfe * own + classifier_passes * per_pass + guide_evals * f.get("guide", 0.0) / f["diffusion"]
+
+    def network_for(self, method: str) -> Network:
+        """The diffusion network `method`'s cells sample: its own trained-in model, else the sweep's."""
+        return self.trained.get(method, self.diffusion)
 
     def decode(self, samples: Tensor) -> Tensor:
         """What the sampler produced → the images that grids and features see: the diffusion network's own
@@ -129,15 +143,19 @@ class SweepModels:
 
     def to(self, device: torch.device | str | torch.dtype) -> SweepModels:
         """Every network it holds, moved in place (the guide and the clean classifier too: a step mixes them)."""
-        for network in (self.diffusion, self.classifier, self.guide, self.clean_classifier):
+        for network in (self.diffusion, self.classifier, self.guide, self.clean_classifier, *self.trained.values()):
             if network is not None:
                 network.net.to(device)
         return self
 
-    def identity(self) -> dict:
-        """What the rows record about the networks (and what their cells are keyed by)."""
-        c, g, k = self.classifier, self.guide, self.clean_classifier
-        return {"diffusion_step": self.diffusion.step, "diffusion_sha": self.diffusion.sha,
+    def identity(self, method: str = "") -> dict:
+        """What the rows of `method` record about the networks (and what their cells are keyed by): the diffusion
+        network it samples (`network_for`), how it was trained and at what cost (`training_*`: its objective, and
+        its steps, FLOPs and wall seconds with those of any checkpoint it was fine-tuned from), and the helpers."""
+        c, g, k, d = self.classifier, self.guide, self.clean_classifier, self.network_for(method)
+        cost = cost_totals(d.training_cost)
+        return {"diffusion_step": d.step, "diffusion_sha": d.sha, "training_objective": objective_text(d.hparams),
+                "training_steps": cost["steps"], "training_flops": cost["flops"], "training_seconds": cost["seconds"],
                 "classifier_step": c.step if c else -1, "classifier_sha": c.sha if c else "",
                 "guide_step": g.step if g else -1, "guide_sha": g.sha if g else "",
                 "clean_classifier_step": k.step if k else -1, "clean_classifier_sha": k.sha if k else ""}

@@ -31,6 +31,8 @@ from .store import SweepStore
 
 # The main network's label branches (one batched forward), as messages name them.
 LABEL_BRANCHES = dict(zip(CLEAN, ("conditional", "null-label (unconditional)", "random-class")))
+# How a diffusion model was trained, in every signature (its weights' hash already pins it; this keeps it readable).
+TRAINING_KEYS = ("guidance_training", "mg_scale", "mg_high", "gft_beta_range", "p_uncond")
 ENGINE_VERSION = 7  # part of every cell's signature: bump when the engine's numbers change (7: scored on 8-bit samples)
 
 
@@ -55,7 +57,10 @@ def signature(config: SweepConfig, models: SweepModels, evaluation: Evaluation, 
     rule = make_rule(method, config.guidance)
     sampling = {k: v for k, v in asdict(config.sampling).items() if k != "compile"}
     noisy = rule.uses_gradient and rule.gradient_at == "x_t"
-    spec = {"engine": ENGINE_VERSION, "diffusion": models.diffusion.sha, "prediction": models.prediction,
+    network = models.network_for(method)  # its own trained-in model (mg, gft), else the sweep's
+    training = {k: network.hparams.get(k) for k in TRAINING_KEYS}
+    spec = {"engine": ENGINE_VERSION, "diffusion": network.sha, "prediction": network.hparams.get("prediction", "eps"),
+            "training": training,
             "classifier": models.classifier.sha if models.classifier and noisy else None,
             "guide": models.guide.sha if models.guide and rule.uses_guide else None,
             "clean": models.clean_classifier.sha if models.clean_classifier and rule.gradient_at == "x0" else None,
@@ -84,9 +89,9 @@ def _step_modes(rule: GuidanceRule, grid: list[float], schedule: NoiseSchedule, 
 def check_null_label(config: SweepConfig, models: SweepModels) -> None:
     """OptionError if a method would evaluate the null label of a model trained without label dropout (its null
     embedding was never trained, so the "unconditional" branch is noise)."""
-    if models.diffusion.hparams.get("p_uncond", 0.1) > 0:
-        return
     for method, grid in config.grids.items():
+        if models.network_for(method).hparams.get("p_uncond", 0.1) > 0:
+            continue
         modes = _step_modes(make_rule(method, config.guidance), grid, models.schedule, config.sampling.steps)
         if any("uncond" in mode.branches for _, mode in modes):
             raise OptionError("sweep.methods", f"{method} evaluates the null label, but the diffusion model was "
@@ -115,26 +120,41 @@ def network_problem(rule: GuidanceRule, grid: list[float], schedule: NoiseSchedu
     return None
 
 
-TRAINED_IN = {"mg": "mg", "gft": "gft"}  # a method whose guidance is trained in -> the objective it needs
-
-
 def check_trained_guidance(config: SweepConfig, models: SweepModels) -> None:
-    """OptionError for `mg` / `gft` on a diffusion model not trained with that objective (it would sample the
-    plain conditional model under their names)."""
-    trained = models.diffusion.hparams.get("guidance_training", "none")
-    for method in config.methods:
-        if method in TRAINED_IN and trained != TRAINED_IN[method]:
-            raise OptionError("sweep.methods", f"{method} samples a model trained with guidance_training "
-                              f"{TRAINED_IN[method]}, but the diffusion model was trained with {trained}",
-                              f"train one with --model.init_args.guidance_training {TRAINED_IN[method]} (or fine-tune: "
-                              "--model.init_args.init_from CKPT), or drop it from sweep.methods")
+    """OptionError, before any sampling, for a trained-in method (`mg`, `gft`) whose network was not trained with
+    its objective (it would sample the plain conditional model under their names), an MG grid other than the w its
+    model was trained with (the scale is not a knob there), or a GFT scale beyond its trained β range (s = 1/β)."""
+    for method, grid in config.grids.items():
+        objective = make_rule(method, config.guidance).trained_with
+        if objective is None:
+            continue
+        own = method in (config.trained_ckpts or {})
+        option = f"sweep.trained_ckpts.{method}" if own else "sweep.methods"
+        hp = models.network_for(method).hparams
+        trained, whose = hp.get("guidance_training", "none"), "its" if own else "the sweep's"
+        if trained != objective:
+            raise OptionError(option, f"{method} samples a model trained with guidance_training {objective}, but "
+                              f"{whose} diffusion model was trained with {trained}",
+                              f"train one with --model.init_args.guidance_training {objective} (or fine-tune: "
+                              f"--model.init_args.init_from CKPT) and pass it as --sweep.trained_ckpts.{method}, or "
+                              "drop it from sweep.methods")
+        if objective == "mg" and grid != [float(hp["mg_scale"])]:
+            raise OptionError(f"sweep.scales.{method}", f"{grid} is not the w = {hp['mg_scale']:g} the MG model was "
+                              "trained with (its guidance is fixed at training: every scale samples the same model)",
+                              f"set --sweep.scales.{method} [{hp['mg_scale']:g}]")
+        low = float(hp.get("gft_beta_range", (0.0, 1.0))[0])
+        if objective == "gft" and low > 0 and max(grid) > 1 / low:
+            raise OptionError(f"sweep.scales.{method}", f"{grid} goes past s = 1/β_min = {1 / low:g}: the GFT model "
+                              f"was trained on β in [{low:g}, 1] (gft_beta_range), never at a smaller β",
+                              f"keep the scales within [1, {1 / low:g}], or train with a lower gft_beta_range start")
 
 
 def check_network(config: SweepConfig, models: SweepModels) -> None:
     """OptionError naming the first swept method the diffusion network cannot run (`network_problem`), with the
     methods it can run at their default scales."""
-    hp, steps = models.diffusion.hparams, config.sampling.steps
+    steps = config.sampling.steps
     for method, grid in config.grids.items():
+        hp = models.network_for(method).hparams
         problem = network_problem(make_rule(method, config.guidance), grid, models.schedule, steps, hp)
         if problem is None:
             continue
@@ -149,17 +169,19 @@ def check_network(config: SweepConfig, models: SweepModels) -> None:
 def shared_cells(config: SweepConfig) -> dict[tuple[str, float, int], tuple[str, float]]:
     """(method, scale, seed) → the earlier cell it equals: every plain conditional (or unconditional) cell of a
     seed draws the same samples on paired noise (cfg s = 1, cg_cond s = 0, autoguidance w = 1, ...), so only
-    the first in grid order is sampled; the others are recorded as copies of it (`same_as`)."""
-    first: dict[tuple[str, int], tuple[str, float]] = {}
+    the first in grid order is sampled; the others are recorded as copies of it (`same_as`). A method sampling its
+    own trained-in model (`trained_ckpts`) shares only among its own cells."""
+    first: dict[tuple[str, str, int], tuple[str, float]] = {}
     shared = {}
     for seed in config.seeds:
         for method, grid in config.grids.items():
             rule = make_rule(method, config.guidance)
+            network = method if method in (config.trained_ckpts or {}) else ""  # its own model: shares only with itself
             for scale in grid:
                 kind = rule.plain(scale)
                 if kind is None:
                     continue
-                source = first.setdefault((kind, seed), (method, scale))
+                source = first.setdefault((kind, network, seed), (method, scale))
                 if source != (method, scale):
                     shared[(method, scale, seed)] = source
     return shared

@@ -23,6 +23,7 @@ from .fronts import cost_figure, front_figures
 from .grids import progression_figures
 from .plots import label_of, metrics_vs_gamma, metrics_vs_scale, protocol_title
 from .tables import interval_mean, mean_std, passes, passes_text, summary
+from .training_costs import training_cost_markdown
 from .verdict_figure import verdict_figure, verdict_markdown
 
 HEADINGS = {"best_fid_vs_cost": "Best FID against cost", "metrics_vs_scale": "Metrics against each method's scale",
@@ -193,6 +194,7 @@ def render(rows: list[dict], out_dir: Path, protocol: dict, class_names: list[st
             "(random halves, averaged over seeds). FID is compared within this sweep only "
             f"({first['num_samples']} samples per cell).", ""]
     out += bad_version_markdown(best, verdicts)
+    out += training_cost_markdown(rows)
     if verdicts:
         out += verdict_markdown(verdicts, rel.get("paired_delta_fid"))
     for stem in ("best_fid_vs_cost", "metrics_vs_scale", "metrics_vs_gamma", "front_fid_vs_accuracy",

@@ -45,11 +45,13 @@ COLUMNS = [
     "method", "scale", "gamma", "seed", "num_samples", "sampler", "steps", "eta",
     "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample", "unet_equivalents_per_sample",
     "thresholded_fraction", "guidance_trace", *_METRIC_COLUMNS, "seconds",
-    "seconds_per_sample", "diffusion_step", "diffusion_sha", "classifier_step", "classifier_sha", "guide_step",
+    "seconds_per_sample", "diffusion_step", "diffusion_sha", "training_objective", "training_steps", "training_flops",
+    "training_seconds", "classifier_step", "classifier_sha", "guide_step",
     "guide_sha", "clean_classifier_step", "clean_classifier_sha", "extractor", "signature", "grid", "same_as",
     "draws", "samples",
 ]
-TEXT = {"method", "sampler", "guidance_trace", "diffusion_sha", "classifier_sha", "guide_sha", "clean_classifier_sha",
+TEXT = {"method", "sampler", "guidance_trace", "diffusion_sha", "training_objective",
+        "classifier_sha", "guide_sha", "clean_classifier_sha",
         "extractor", "signature", "grid", "same_as", "draws", "samples"}
 INTEGER = {"seed", "num_samples", "steps", "diffusion_step", "classifier_step", "guide_step", "clean_classifier_step"}
 

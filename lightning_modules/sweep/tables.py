@@ -56,7 +56,7 @@ SUMMARY_TITLE = "Best FID per method (mean, std over seeds, 95% interval over sa
 # The summary's columns on a terminal (experiments.compare and experiments.sweep print the same table).
 SUMMARY_COLUMNS = ["method", "best_scale", "gamma", "fid", "fid_std", "fid_lo", "fid_hi", "accuracy", "accuracy_std",
                    "nfe_per_sample", "classifier_grads_per_sample", "guide_evals_per_sample",
-                   "unet_equivalents_per_sample", "seconds_per_sample", "seeds"]
+                   "unet_equivalents_per_sample", "seconds_per_sample", "training_flops", "seeds"]
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -76,7 +76,8 @@ def summary(rows: list[dict]) -> list[dict]:
                     "classifier_grads_per_sample": cell[0]["classifier_grads_per_sample"],
                     "guide_evals_per_sample": _get(cell[0], "guide_evals_per_sample", 0.0),
                     "unet_equivalents_per_sample": _get(cell[0], "unet_equivalents_per_sample", math.nan),
-                    "seconds_per_sample": seconds, "seconds_per_sample_std": seconds_std, "seeds": len(cell)})
+                    "seconds_per_sample": seconds, "seconds_per_sample_std": seconds_std, "seeds": len(cell),
+                    "training_flops": _get(cell[0], "training_flops", math.nan)})
     level = matched_level(rows)
     for entry in out:
         entry.update({"matched_accuracy": level, **matched_strength(rows, level).get(entry["method"], {})})

@@ -46,6 +46,8 @@ class GuidanceRule:
     gradient_at: ClassVar[str] = "x_t"  # the classifier sees x_t (noisy classifier) or x̂0 (clean classifier)
     scale_range: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # valid native scales
     family: ClassVar[str | None] = None  # methods a report compares side by side (BAD_VERSION)
+    # The guidance_training objective its network must have been trained with (mg, gft); None: any network.
+    trained_with: ClassVar[str | None] = None
 
     def __init__(self, options: SharedGuidance | None = None) -> None:
         from . import GuidanceOptions as Full  # the registry's class: shared options + every method's own

@@ -28,6 +28,7 @@ class ModelGuided(NoGuidance):
     scale_axis = "MG w the model was trained with (mg_scale; sampled conditionally)"
     gamma_text, cost_text = "MG γ = 1/(1 − w), w its training mg_scale", "1"
     scale_range = (-math.inf, math.nextafter(1.0, 0.0))
+    trained_with = "mg"
 
     def gamma(self, scale: float) -> float:
         return mg_gamma(scale)
@@ -54,6 +55,7 @@ class GuidanceFree(NoGuidance):
     scale_axis = "GFT scale s = 1/β  (1 = conditional model)"
     gamma_text, cost_text = "GFT γ = s = 1/β", "1"
     scale_range = (1.0, math.inf)  # β in (0, 1]: the trained range (β > 1 was never drawn)
+    trained_with = "gft"
 
     def gamma(self, scale: float) -> float:
         return scale
