@@ -10,9 +10,9 @@ digits, end to end, on a CPU.
 Stages: noisy classifier → clean classifier → CFG diffusion model (keeping its own guide snapshots) →
 guidance sweep (evaluator trained/cached on the way). A recipe sweeping a trained-in method adds its model's
 stage: MG trained from scratch like the CFG model (same network and steps), GFT fine-tuned from the CFG model
-(`--gft_steps`); the sweep samples them through `sweep.trained_ckpts`. Each stage lives in a directory keyed by a hash of its
-settings: a finished stage is reused, an interrupted fit resumes from its last.ckpt, a half-written sweep
-skips finished cells.
+(`--gft_steps`); the sweep samples them through `sweep.trained_ckpts`. Each stage lives in a directory keyed
+by a hash of its settings: a finished stage is reused, an interrupted fit resumes from its last.ckpt, a
+half-written sweep skips finished cells.
 On W&B the stages' runs are named after their directories (`classifier-<hash>`, ...), have the job
 types classifier / diffusion / sweep and share one group per study (`--out`): `<out name>-<hash of its path>`.
 """

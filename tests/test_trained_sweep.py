@@ -15,7 +15,13 @@ from lightning_modules.sweep.models import SweepModels
 from lightning_modules.sweep.planning import check_trained_guidance, signatures
 from lightning_modules.sweep.report import write_outputs
 
-from .test_sweep_engine import HP, config, evaluation, make_models  # noqa: F401 (evaluation: a fixture)
+from .test_sweep_engine import HP, config, make_models, toy_evaluation
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    return toy_evaluation()
+
 
 MAIN_COST = {"objective": "none", "flops_per_step": 1.5e9, "steps": 10, "seconds": 3.0, "init": None}
 
