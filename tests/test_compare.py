@@ -45,7 +45,7 @@ def test_compare_runs_end_to_end_then_reuses_every_stage(tmp_path, monkeypatch, 
     assert noise == []
 
 
-def test_trained_recipe_trains_mg_and_gft_and_sweeps_them_on_the_main_models_noise(tmp_path, monkeypatch, capsys):
+def test_trained_recipe_trains_mg_and_gft_and_sweeps_them_beside_cfg(tmp_path, monkeypatch, capsys):
     """The trained-in guidance study at a tiny setting: it adds an MG model (from scratch, the CFG model's steps)
     and a GFT fine-tune of the CFG model (--gft_steps), sweeps them beside CFG at one evaluation per step, and
     every row carries the network that made it and what that network cost to train."""
